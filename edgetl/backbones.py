@@ -1,0 +1,259 @@
+"""Backbone registry and the transfer classifier built on top of it.
+
+One `BackboneSpec` per architecture (like timm's registry): default input size, where its
+preprocessing lives, the Keras cache file name of its ImageNet weights, and the named layers that
+make good intermediate features. `build_classifier` wraps a backbone with baked-in preprocessing
+and a new head, so every model takes raw RGB 0-255.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# Keras' MobileNetV2 weights exist for these input sizes; others load the nearest.
+_MNV2_ROWS = (96, 128, 160, 192, 224)
+
+
+class WeightsError(RuntimeError):
+    """ImageNet weights could not be obtained; the message names the cache file and the options."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    app: str  # attribute of keras.applications
+    default_size: int
+    external_preprocessing: bool  # True: add Rescaling(1/127.5, -1) in front (MobileNetV2)
+    feature_layers: tuple[str, ...]
+    weights_file: Callable[[float, int], str]  # (alpha, size) -> Keras cache file name
+    has_alpha: bool = False
+    builder_kwargs: tuple = ()
+
+    def keras_kwargs(self, alpha: float) -> dict:
+        kwargs = dict(self.builder_kwargs)
+        if self.has_alpha:
+            kwargs["alpha"] = alpha
+        return kwargs
+
+
+def _mnv2_file(alpha: float, size: int) -> str:
+    rows = size if size in _MNV2_ROWS else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{_alpha_txt(alpha)}_{rows}_no_top.h5"
+
+
+def _alpha_txt(alpha: float) -> str:
+    return f"{alpha:g}" if alpha != 1.0 else "1.0"
+
+
+def _mnv3_file(kind: str) -> Callable[[float, int], str]:
+    return lambda alpha, size: f"weights_mobilenet_v3_{kind}_224_{_alpha_txt(alpha)}_float_no_top_v2.h5"
+
+
+def _effnet_file(tag: str) -> Callable[[float, int], str]:
+    return lambda alpha, size: f"{tag}_notop.h5"
+
+
+_EFF_FEATURES = ("block2a_expand_activation", "block3a_expand_activation", "block4a_expand_activation",
+                 "block6a_expand_activation", "top_activation")
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("mobilenet_v2", "MobileNetV2", 224, True,
+                     ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
+                      "block_13_expand_relu", "out_relu"), _mnv2_file, has_alpha=True),
+        BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", 224, False,
+                     ("Conv/BatchNorm", "expanded_conv_1/expand/BatchNorm", "expanded_conv_3/expand/BatchNorm",
+                      "expanded_conv_6/expand/BatchNorm", "Conv_1/BatchNorm"), _mnv3_file("small"), has_alpha=True,
+                     builder_kwargs=(("include_preprocessing", True), ("minimalistic", False))),
+        BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", 224, False,
+                     ("Conv/BatchNorm", "expanded_conv_3/expand/BatchNorm", "expanded_conv_6/expand/BatchNorm",
+                      "expanded_conv_12/expand/BatchNorm", "Conv_1/BatchNorm"), _mnv3_file("large"), has_alpha=True,
+                     builder_kwargs=(("include_preprocessing", True), ("minimalistic", False))),
+        BackboneSpec("efficientnet_b0", "EfficientNetB0", 224, False, _EFF_FEATURES, _effnet_file("efficientnetb0")),
+        BackboneSpec("efficientnet_b1", "EfficientNetB1", 240, False, _EFF_FEATURES, _effnet_file("efficientnetb1")),
+        BackboneSpec("efficientnet_b2", "EfficientNetB2", 260, False, _EFF_FEATURES, _effnet_file("efficientnetb2")),
+        BackboneSpec("efficientnet_b3", "EfficientNetB3", 300, False, _EFF_FEATURES, _effnet_file("efficientnetb3")),
+        BackboneSpec("efficientnet_v2_b0", "EfficientNetV2B0", 224, False,
+                     ("block1a_project_activation", "block2b_expand_activation", "block4a_expand_activation",
+                      "block6a_expand_activation", "top_activation"), _effnet_file("efficientnetv2-b0"),
+                     builder_kwargs=(("include_preprocessing", True),)),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry for `name`, with a helpful error for unknown names."""
+    if name not in BACKBONES:
+        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras looks for downloaded weights before fetching them."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+@dataclass
+class BackboneResult:
+    model: object  # keras.Model
+    weights_source: str  # "imagenet", "imagenet (random fallback)", a path, or "random"
+    warning: str | None = None
+
+
+def create_backbone(name: str, image_size: int, alpha: float = 1.0, weights: str | None = "imagenet",
+                    weights_fallback: str = "none") -> BackboneResult:
+    """Build the headless backbone; ImageNet weights come from the normal Keras cache/download path."""
+    import tf_keras as keras
+
+    spec = get_spec(name)
+    builder = getattr(keras.applications, spec.app)
+    kwargs = dict(include_top=False, input_shape=(image_size, image_size, 3), **spec.keras_kwargs(alpha))
+    if weights is None:
+        return BackboneResult(builder(weights=None, **kwargs), "random")
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"model.weights: file {path} not found (use `imagenet`, a weights file, or null)")
+        return BackboneResult(builder(weights=str(path), **kwargs), str(path))
+    try:
+        return BackboneResult(builder(weights="imagenet", **kwargs), "imagenet")
+    except Exception as exc:  # noqa: BLE001 - download failures surface as many exception types
+        expected = keras_cache_dir() / spec.weights_file(alpha, image_size)
+        message = (
+            f"ImageNet weights for {name} (alpha {alpha:g}, {image_size}px) could not be obtained: {exc}\n"
+            f"Keras looked for {expected} and then tried to download it. Options:\n"
+            f"  - go online once so Keras can download and cache it;\n"
+            f"  - copy the file there yourself (pre-seed the cache);\n"
+            f"  - set `model.weights: /path/to/weights.h5` in the recipe;\n"
+            f"  - set `model.weights: null` to train from random init (much lower accuracy).")
+        if weights_fallback != "random":
+            raise WeightsError(message) from None
+        warning = (f"WARNING: ImageNet weights unavailable ({expected} missing, download failed); "
+                   f"using RANDOM weights because the recipe sets weights_fallback: random. "
+                   f"Accuracy will be far below a pretrained model.")
+        return BackboneResult(builder(weights=None, **kwargs), "random (imagenet unavailable)", warning)
+
+
+@dataclass
+class Classifier:
+    """A transfer model and its parts; head layers are shared between `model` and `head`."""
+
+    model: object  # image (raw RGB) -> class probabilities
+    backbone: object  # the nested backbone Model
+    features: object  # image -> pooled backbone features
+    head: object  # pooled features -> class probabilities
+    weights_source: str
+    warning: str | None = None
+
+
+def build_classifier(num_classes: int, backbone: str = "mobilenet_v2", image_size: int | None = None,
+                     alpha: float = 1.0, weights: str | None = "imagenet", weights_fallback: str = "none",
+                     pooling: str = "avg", dropout: float = 0.2, hidden_units=(), seed: int = 0) -> Classifier:
+    """Raw RGB input -> baked preprocessing -> frozen backbone (inference mode) -> pooling -> head."""
+    import tf_keras as keras
+
+    spec = get_spec(backbone)
+    size = image_size or spec.default_size
+    result = create_backbone(backbone, size, alpha, weights, weights_fallback)
+    base = result.model
+    base.trainable = False
+    L = keras.layers
+    image = keras.Input((size, size, 3), name="image")
+    x = L.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(image) if spec.external_preprocessing else image
+    x = base(x, training=False)
+    pool = L.GlobalAveragePooling2D(name="pool") if pooling == "avg" else L.GlobalMaxPooling2D(name="pool")
+    pooled = pool(x)
+    head_layers = [L.Dropout(dropout, seed=seed, name="dropout")]
+    head_layers += [L.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]
+    head_layers.append(L.Dense(num_classes, activation="softmax", name="predictions",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed)))
+    feat_in = keras.Input((pooled.shape[-1],), name="features")
+    y, h = pooled, feat_in
+    for layer in head_layers:
+        y, h = layer(y), layer(h)
+    model = keras.Model(image, y, name=f"{backbone}_classifier")
+    return Classifier(model, base, keras.Model(image, pooled, name="features"),
+                      keras.Model(feat_in, h, name="head"), result.weights_source, result.warning)
+
+
+def unfreeze(backbone, layers: int | None = None, from_layer: str | None = None,
+             fraction: float | None = None) -> int:
+    """Make the top of the backbone trainable (BatchNorm stays frozen); returns the first trainable index."""
+    import tf_keras as keras
+
+    n = len(backbone.layers)
+    if from_layer is not None:
+        names = [layer.name for layer in backbone.layers]
+        if from_layer not in names:
+            raise ValueError(f"train.stage2.unfreeze_from: no layer named {from_layer!r} in the backbone "
+                             f"(see `edgetl features RUN --list-layers`)")
+        start = names.index(from_layer)
+    elif layers is not None:
+        start = max(0, n - layers)
+    else:
+        start = int(round(n * (1.0 - (fraction if fraction is not None else 1.0))))
+    backbone.trainable = True
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    return start
+
+
+def describe(name: str) -> dict:
+    """Input size, parameter count and multiply-accumulates of a backbone at its default size."""
+    spec = get_spec(name)
+    base = create_backbone(name, spec.default_size, weights=None).model
+    return {"name": name, "input_size": spec.default_size, "params": int(base.count_params()),
+            "macs": count_macs(base), "preprocessing": "Rescaling(1/127.5, -1) in front"
+            if spec.external_preprocessing else "built into the Keras application"}
+
+
+def count_macs(model) -> int:
+    """Multiply-accumulates of Conv/Depthwise/Dense layers for one image (static shapes)."""
+    import tf_keras as keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += count_macs(layer)
+            continue
+        out = layer.output_shape if not isinstance(layer.output_shape, list) else layer.output_shape[0]
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            total += out[1] * out[2] * out[3] * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            cin = layer.input_shape[-1]
+            total += out[1] * out[2] * out[3] * kh * kw * cin // layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.input_shape[-1] * layer.units
+    return int(total)
+
+
+def calibrate_batchnorm(clf: Classifier, images) -> None:
+    """Set the backbone's BatchNorm statistics to those of raw RGB `images` (one training-mode pass).
+
+    A randomly initialised backbone has identity BatchNorm statistics, so in inference mode its
+    activations shrink towards zero layer by layer and the frozen features carry no signal. Used
+    only for random weights; pretrained statistics are never touched.
+    """
+    import tf_keras as keras
+
+    backbone = clf.backbone
+    names = [layer.name for layer in clf.model.layers]
+    if "preprocess" in names:
+        images = clf.model.get_layer("preprocess")(images)
+    bns = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.momentum, layer.trainable) for layer in bns]
+    was_trainable = backbone.trainable
+    backbone.trainable = True
+    for layer in bns:
+        layer.momentum = 0.0
+    try:
+        backbone(images, training=True)
+    finally:
+        for layer, (momentum, trainable) in zip(bns, saved):
+            layer.momentum, layer.trainable = momentum, trainable
+        backbone.trainable = was_trainable

@@ -1,0 +1,111 @@
+"""Plots people would rather look at than read: training curves and confusion matrices (PNG, atomic)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically and close it."""
+    from edgetl.rundir import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _figure().close(fig)
+
+
+def plot_training_curves(history: dict, path: str | os.PathLike) -> None:
+    """Loss and accuracy per epoch for both stages, with the stage boundary marked."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    offset = 0
+    for stage, color in (("stage1", "tab:blue"), ("stage2", "tab:orange")):
+        h = history.get(stage) or {}
+        n = len(h.get("loss", []))
+        if not n:
+            continue
+        epochs = np.arange(offset + 1, offset + n + 1)
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            if key in h:
+                ax.plot(epochs, h[key], color=color, label=f"{stage} train")
+            if f"val_{key}" in h:
+                ax.plot(epochs, h[f"val_{key}"], color=color, linestyle="--", label=f"{stage} val")
+        if offset:
+            for ax in axes:
+                ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
+        offset += n
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Training curves (dashed: validation)")
+    save_figure(fig, path)
+
+
+def plot_confusion_matrix(matrix, class_names: list[str], path: str | os.PathLike, title: str = "Confusion matrix"):
+    """Row-normalised confusion matrix with counts in the cells."""
+    plt = _figure()
+    cm = np.asarray(matrix, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    k = len(class_names)
+    size = min(1.0 + 0.55 * k, 14)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_labeled_scatter(points, path: str | os.PathLike, *, xlabel: str, ylabel: str, title: str,
+                         front=(), highlight: str | None = None, logx: bool = False) -> None:
+    """Scatter of named points (label, x, y, group), every point labeled, colored by group.
+
+    `front` (labels, in x order) is drawn as a dashed line, e.g. a Pareto front; `highlight` gets a star.
+    """
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    groups = sorted({p[3] for p in points})
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    for group in groups:
+        xs = [p[1] for p in points if p[3] == group]
+        ys = [p[2] for p in points if p[3] == group]
+        ax.scatter(xs, ys, s=40, color=colors[group], label=group, zorder=3)
+    for label, x, y, _ in points:
+        ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    by_label = {p[0]: p for p in points}
+    line = [by_label[name] for name in front if name in by_label]
+    if line:
+        ax.plot([p[1] for p in line], [p[2] for p in line], linestyle="--", color="grey", zorder=2,
+                label="Pareto front")
+    if highlight in by_label:
+        _, x, y, _ = by_label[highlight]
+        ax.scatter([x], [y], s=260, marker="*", facecolors="none", edgecolors="black", zorder=4,
+                   label=f"recommended: {highlight}")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    save_figure(fig, path)

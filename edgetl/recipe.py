@@ -1,0 +1,357 @@
+"""Recipes: YAML files loaded into typed, validated dataclasses.
+
+Every field has a default and a one-line help text (shown by `edgetl recipe show --explain`).
+Errors name the file, the key path, what is allowed and, for typos, the nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem, with the file and key path in the message."""
+
+
+def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+        min_exclusive: bool = False, factory=None):
+    """A dataclass field with help text and an optional numeric range."""
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("digits", "Dataset: `digits` (built-in, offline), `tf_flowers` (Keras download cache), "
+                                "or a path to a class-per-folder directory (also settable with --data).")
+    image_size: Optional[int] = opt(None, "Square input size in pixels; null = the backbone's default.", min=32, max=1024)
+    resize: Literal["plain", "center_crop"] = opt("plain", "How images reach image_size: stretch, or "
+                                                           "aspect-preserving center crop.")
+    val_split: float = opt(0.1, "Fraction of train held out for validation when there is no val/ folder.", min=0.0, max=0.5)
+    test_split: float = opt(0.2, "Fraction held out for test when the folder has no train/test subfolders.",
+                            min=0.0, max=0.5, min_exclusive=True)
+    max_per_class: Optional[int] = opt(None, "Use at most this many training images per class (quick runs).", min=1)
+    batch_size: int = opt(32, "Batch size (global, across replicas).", min=1, max=4096)
+    cache: Literal["memory", "disk", "none"] = opt("memory", "tf.data cache for decoded images: memory, disk "
+                                                             "(for datasets larger than RAM), or none.")
+
+
+@dataclass
+class AugmentConfig:
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = opt("none", "Random flips.")
+    rotation: float = opt(0.0, "Random rotation, fraction of a full turn (0.1 = +-36 degrees).", min=0.0, max=0.5)
+    zoom: float = opt(0.0, "Random zoom, fraction of the size.", min=0.0, max=0.9)
+    translation: float = opt(0.0, "Random translation, fraction of the size.", min=0.0, max=0.5)
+    contrast: float = opt(0.0, "Random contrast factor.", min=0.0, max=1.0)
+    brightness: float = opt(0.0, "Random brightness, fraction of the 0-255 range.", min=0.0, max=1.0)
+
+    @property
+    def enabled(self) -> bool:
+        """True when any augmentation is configured."""
+        return self.flip != "none" or any(
+            getattr(self, f) > 0 for f in ("rotation", "zoom", "translation", "contrast", "brightness"))
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = opt("mobilenet_v2", "Backbone architecture (see `edgetl backbones`).")
+    alpha: float = opt(1.0, "Width multiplier for MobileNet backbones.", min=0.1, max=2.0)
+    weights: Optional[str] = opt("imagenet", "`imagenet` (Keras download/cache), a path to a weights file, "
+                                             "or null for random init.")
+    weights_fallback: Literal["none", "random"] = opt("none", "What to do when ImageNet weights cannot be "
+                                                              "obtained: `none` = stop with an error; `random` = "
+                                                              "warn and use random init (demo recipe only).")
+    pooling: Literal["avg", "max"] = opt("avg", "Global pooling before the head.")
+    dropout: float = opt(0.2, "Dropout before the classification layer.", min=0.0, max=0.9)
+    hidden_units: list[int] = opt(None, "Optional hidden Dense layers of the head (ReLU).", factory=list)
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = opt(5, "Feature-extraction epochs (frozen backbone); 0 skips the stage.", min=0, max=1000)
+    learning_rate: float = opt(1e-3, "Adam learning rate for the new head.", min=0.0, max=1.0, min_exclusive=True)
+    cache_features: Optional[bool] = opt(None, "Run the backbone once and train the head on cached features; "
+                                               "null = yes when there is no augmentation.")
+
+
+@dataclass
+class Stage2Config:
+    epochs: int = opt(5, "Fine-tuning epochs; 0 skips the stage.", min=0, max=1000)
+    learning_rate: float = opt(1e-5, "Learning rate for fine-tuning (keep it low).", min=0.0, max=1.0,
+                               min_exclusive=True)
+    unfreeze_layers: Optional[int] = opt(None, "Unfreeze the top N backbone layers.", min=1)
+    unfreeze_from: Optional[str] = opt(None, "Unfreeze from this named backbone layer to the top.")
+    unfreeze_fraction: Optional[float] = opt(0.3, "Unfreeze this top fraction of backbone layers (used when "
+                                                  "neither unfreeze_layers nor unfreeze_from is set).",
+                                             min=0.0, max=1.0, min_exclusive=True)
+    reduce_lr_on_plateau: bool = opt(False, "Halve the learning rate when validation loss stalls.")
+
+
+@dataclass
+class TrainConfig:
+    stage1: Stage1Config = opt(None, "Stage 1: feature extraction.", factory=Stage1Config)
+    stage2: Stage2Config = opt(None, "Stage 2: fine-tuning.", factory=Stage2Config)
+    early_stopping_patience: int = opt(3, "Stop a stage after this many epochs without val-loss improvement "
+                                          "(best weights restored); 0 disables.", min=0)
+    label_smoothing: float = opt(0.0, "Label smoothing for the cross-entropy loss.", min=0.0, max=0.5)
+    class_weight: Literal["none", "balanced"] = opt("none", "`balanced` weighs classes by inverse frequency.")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = opt(2, "Fine-tuning epochs.", min=0, max=100)
+    learning_rate: float = opt(1e-5, "Learning rate.", min=0.0, max=1.0, min_exclusive=True)
+
+
+@dataclass
+class PruningConfig:
+    target_sparsity: float = opt(0.5, "Final fraction of zero weights in pruned layers.", min=0.0, max=0.99,
+                                 min_exclusive=True)
+    epochs: int = opt(2, "Fine-tuning epochs while pruning.", min=1, max=100)
+    learning_rate: float = opt(1e-5, "Learning rate.", min=0.0, max=1.0, min_exclusive=True)
+
+
+TFLITE_VARIANTS = ("fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8")
+ONNX_VARIANTS = ("fp32", "int8", "qat_int8")
+
+
+@dataclass
+class ExportConfig:
+    tflite: list[str] = opt(None, f"TFLite variants: {', '.join(TFLITE_VARIANTS)}.",
+                            factory=lambda: ["fp32", "fp16", "dynamic", "int8"])
+    onnx: list[str] = opt(None, f"ONNX variants: {', '.join(ONNX_VARIANTS)}.", factory=lambda: ["fp32"])
+    io: Literal["float", "int8", "uint8"] = opt("uint8", "Input/output tensor type of full-integer variants "
+                                                        "(uint8 takes camera bytes directly).")
+    representative_samples: int = opt(200, "Training images used to calibrate int8 quantization.", min=1)
+    opset: int = opt(17, "ONNX opset.", min=13, max=21)
+    qat: FinetuneConfig = opt(None, "Quantization-aware training fine-tune.", factory=FinetuneConfig)
+    pruning: PruningConfig = opt(None, "Magnitude pruning fine-tune.", factory=PruningConfig)
+
+
+@dataclass
+class ValidateConfig:
+    max_accuracy_drop: float = opt(1.0, "Gate: largest allowed top-1 drop vs Keras, percentage points.", min=0.0)
+    min_agreement: float = opt(0.0, "Gate: smallest allowed top-1 agreement with Keras (0-1).", min=0.0, max=1.0)
+    threads: int = opt(2, "Interpreter threads for latency.", min=1, max=256)
+    runs: int = opt(50, "Timed runs per artifact.", min=1)
+    warmup: int = opt(5, "Warm-up runs before timing.", min=0)
+    budget_latency_ms: Optional[float] = opt(None, "Recommend the most accurate artifact under this latency.", min=0.0)
+    budget_size_kb: Optional[float] = opt(None, "Recommend the most accurate artifact under this size.", min=0.0)
+
+
+@dataclass
+class Recipe:
+    name: str = opt("experiment", "Run name; runs go to <out>/<name>/<run-id>/.")
+    description: str = opt("", "Free text, copied into model metadata.")
+    seed: int = opt(42, "Seed for splits, shuffling, initialisation.", min=0)
+    data: DataConfig = opt(None, "Dataset and input pipeline.", factory=DataConfig)
+    augment: AugmentConfig = opt(None, "Augmentation (Keras preprocessing layers, training batches only).",
+                                 factory=AugmentConfig)
+    model: ModelConfig = opt(None, "Backbone and head.", factory=ModelConfig)
+    train: TrainConfig = opt(None, "Two-stage transfer training.", factory=TrainConfig)
+    export: ExportConfig = opt(None, "Exported artifacts.", factory=ExportConfig)
+    validate: ValidateConfig = opt(None, "Validation gates and budgets.", factory=ValidateConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON ready)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe as YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved recipe (which stages must re-run)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.path=value` overrides, validate, return a Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    if "name" not in raw:
+        raw["name"] = path.stem
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return from_dict(Recipe, raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
+    """Build a validated Recipe from a plain dict (tests, programmatic use)."""
+    return from_dict(Recipe, raw, source=source)
+
+
+def apply_override(raw: dict, item: str, source: str = "--set") -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw recipe dict."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.stage1.epochs=3")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    _resolve_key_path(parts, source)
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"{source}: cannot set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _resolve_key_path(parts: list[str], source: str) -> None:
+    """Check that a dotted key path names a real field (typo suggestions included)."""
+    cls = Recipe
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        where = ".".join(parts[:i]) or "<top level>"
+        if part not in names:
+            raise RecipeError(_unknown_key_message(source, where, part, list(names)))
+        ftype = _field_types(cls)[part]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(ftype):
+                raise RecipeError(f"{source}: {'.'.join(parts[:i + 1])} is a value, not a section")
+            cls = ftype
+
+
+def _unknown_key_message(source: str, where: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{source}: unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(valid)}"
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls, raw: Any, source: str, path: str = "") -> Any:
+    """Recursively build dataclass `cls` from `raw`, checking keys, types and ranges."""
+    where = path or "<top level>"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: {where} must be a mapping, got {type(raw).__name__} ({raw!r})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise RecipeError(_unknown_key_message(source, where, str(key), list(fields)))
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key_path = f"{path}.{name}" if path else name
+        ftype = types_[name]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = from_dict(ftype, value, source, key_path)
+        else:
+            kwargs[name] = _check_value(value, ftype, fields[name].metadata, source, key_path)
+    obj = cls(**kwargs)
+    _check_cross_fields(obj, source, path)
+    return obj
+
+
+def _check_value(value: Any, ftype: Any, meta: dict, source: str, key_path: str) -> Any:
+    value = _coerce(value, ftype, source, key_path)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = meta.get("min"), meta.get("max")
+        too_low = lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo)
+        if too_low or (hi is not None and value > hi):
+            lo_txt = "-inf" if lo is None else f"{lo:g}"
+            hi_txt = "inf" if hi is None else f"{hi:g}"
+            bracket = "(" if meta.get("min_exclusive") else "["
+            raise RecipeError(f"{source}: {key_path} = {value!r} is out of range; allowed: "
+                              f"{bracket}{lo_txt}, {hi_txt}]")
+    return value
+
+
+def _coerce(value: Any, ftype: Any, source: str, key_path: str) -> Any:
+    """Check `value` against a type annotation, allowing int -> float; return the value."""
+    origin = typing.get_origin(ftype)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(ftype)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], source, key_path)
+    if origin is Literal:
+        allowed = typing.get_args(ftype)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{source}: {key_path} = {value!r} is not allowed; allowed values: "
+                              f"{', '.join(map(str, allowed))}.{hint}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(ftype)
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {key_path} must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(v, item_type, source, f"{key_path}[{i}]") for i, v in enumerate(value)]
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if ftype in (int, float, str, bool) and (type(value) is not ftype):
+        raise RecipeError(f"{source}: {key_path} must be {_type_word(ftype)}, got {type(value).__name__} "
+                          f"({value!r})")
+    return value
+
+
+def _type_word(t) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+
+
+def _check_cross_fields(obj: Any, source: str, path: str) -> None:
+    """Constraints that involve more than one field."""
+    if isinstance(obj, ExportConfig):
+        for fmt, valid in (("tflite", TFLITE_VARIANTS), ("onnx", ONNX_VARIANTS)):
+            for v in getattr(obj, fmt):
+                if v not in valid:
+                    close = difflib.get_close_matches(v, valid, n=1, cutoff=0.5)
+                    hint = f" Did you mean '{close[0]}'?" if close else ""
+                    raise RecipeError(f"{source}: {path}.{fmt} has unknown variant {v!r}; valid "
+                                      f"{fmt} variants: {', '.join(valid)}.{hint}")
+    if isinstance(obj, Stage2Config):
+        chosen = [k for k in ("unfreeze_layers", "unfreeze_from") if getattr(obj, k) is not None]
+        if len(chosen) > 1:
+            raise RecipeError(f"{source}: {path}: set only one of unfreeze_layers / unfreeze_from")
+    if isinstance(obj, ModelConfig):
+        from edgetl.backbones import BACKBONES
+
+        if obj.backbone not in BACKBONES:
+            close = difflib.get_close_matches(obj.backbone, list(BACKBONES), n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{source}: {path}.backbone = {obj.backbone!r} is not a known backbone; "
+                              f"allowed values: {', '.join(BACKBONES)}.{hint}")
+
+
+def explain(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, help) for every field: the documentation of the recipe format."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        ftype = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            rows.append((key, "", f.metadata.get("help", "")))
+            rows.extend(explain(ftype, key + "."))
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((key, json.dumps(default), f.metadata.get("help", "")))
+    return rows

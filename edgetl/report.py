@@ -1,0 +1,136 @@
+"""The validation report for people: console table, report.md and plots, all rendered from report.json's dict.
+
+Rendering only reads the report document, so an earlier run's `validation/report.json` prints the same
+summary as the run that wrote it (the pipeline relies on that when it skips a finished validation).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetl.rundir import atomic_write_json, atomic_write_text
+
+HEADERS = ("artifact", "input", "top-1", "vs keras", "top-5", "agree", "max|dp|", "p50 ms", "p90 ms",
+           "img/s", "load ms", "KB", "gzip KB", "RSS MB", "gate")
+GATE_CELLS = {"reference": "ref", "pass": "pass", "fail": "FAIL", "error": "ERROR"}
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    """One list of formatted cells per report row (HEADERS order); the Keras row shows `ref` for deltas."""
+    cells = []
+    for r in rows:
+        lat, thr = r.get("latency") or {}, r.get("throughput") or {}
+        ok, ref = r["status"] == "ok", r["reference"]
+        cells.append([
+            r["name"], r.get("input_dtype") or "-",
+            _pct(r["top1"]), "ref" if ref else (f"{r['delta_top1_pp']:+.2f} pp" if ok else "-"),
+            _pct(r["top5"]), "ref" if ref else _num(r["agreement"], "{:.3f}"),
+            "ref" if ref else _num(r["max_abs_prob_diff"], "{:.4f}"),
+            _num(lat.get("p50_ms"), "{:.2f}"), _num(lat.get("p90_ms"), "{:.2f}"),
+            _num(thr.get("images_per_s"), "{:.0f}"),
+            _num(None if r.get("load_time_s") is None else r["load_time_s"] * 1000, "{:.0f}"),
+            _num(None if r["size_bytes"] is None else r["size_bytes"] / 1024, "{:.0f}"),
+            _num(None if r["gzip_bytes"] is None else r["gzip_bytes"] / 1024, "{:.0f}"),
+            _num(r.get("peak_rss_mb"), "{:.0f}"), GATE_CELLS.get(r.get("gate"), "-"),
+        ])
+    return cells
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain aligned text, one line per artifact (readable on a terminal, in a log file and in CI)."""
+    from edgetl.edge.bench import format_table as align
+
+    return align(HEADERS, table_cells(rows))
+
+
+def format_summary(report: dict) -> str:
+    """Table, errors, skipped exports, gate verdict and recommendation: what `edgetl validate` prints."""
+    lines = [format_table(report["artifacts"]), ""]
+    lines += [f"error  {r['name']}: {r['error']}" for r in report["artifacts"] if r["status"] != "ok"]
+    lines += [f"not evaluated  {s['name']}: {s['status']} at export ({s['error'] or 'no reason given'})"
+              for s in report["skipped"]]
+    gates = report["gates"]
+    verdict = "passed" if gates["passed"] else f"FAILED for {len({f['artifact'] for f in gates['failures']})} artifact(s)"
+    lines.append(f"gates (max top-1 drop {gates['max_accuracy_drop_pp']:g} pp vs Keras, "
+                 f"min agreement {gates['min_agreement']:g}): {verdict}")
+    lines += [f"  GATE FAILED  {f['message']}" for f in gates["failures"]]
+    lines.append(report["recommendation"]["message"])
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: settings, the results table, gates, recommendation, per-class recall and the plots."""
+    data, s, host = report["data"], report["settings"], report["host"]
+    rows = report["artifacts"]
+    lines = [
+        f"# Validation of `{report['recipe']}`", "",
+        f"Run `{report['run_dir']}` (recipe fingerprint `{report['recipe_fingerprint']}`), {report['created']}.", "",
+        f"- Data: test split of `{data['root']}`, {data['images']} images at {data['image_size']} px "
+        f"({data['resize']} resize), {len(data['classes'])} classes, decoded once with Pillow and fed to every "
+        f"artifact as raw RGB in its input dtype.",
+        f"- Latency: batch 1, {s['threads']} threads, {s['warmup']} warm-up then {s['runs']} timed runs of the "
+        f"runtime's invoke only (no decoding); throughput at batch {s['throughput_batch']} "
+        f"({s['throughput_runs']} runs). TFLite on XNNPACK, ONNX on {s['onnx_provider']}.",
+        f"- Host: {host.get('cpu') or host.get('machine')}, {host.get('cpu_count')} CPUs, {host.get('os')}, "
+        f"Python {host.get('python')}. These are host figures; use `edgetl edge` for device numbers.", "",
+        "## Results", "",
+        _md_table(HEADERS, table_cells(rows)), "",
+    ]
+    if report["training_top1"] is not None:
+        same = "matches" if report["keras_matches_training"] else "DOES NOT match"
+        lines += [f"Keras top-1 {same} the training run's test top-1 ({report['training_top1']:.2%}).", ""]
+    lines += [f"- **{r['name']}** could not be evaluated: {r['error']}" for r in rows if r["status"] != "ok"]
+    lines += [f"- **{x['name']}** was not exported ({x['status']}): {x['error'] or 'no reason given'}"
+              for x in report["skipped"]]
+    gates = report["gates"]
+    lines += ["", "## Gates", "",
+              f"Max top-1 drop vs Keras: {gates['max_accuracy_drop_pp']:g} pp; min agreement with Keras: "
+              f"{gates['min_agreement']:g}. Result: **{'passed' if gates['passed'] else 'FAILED'}**.", ""]
+    lines += [f"- {f['message']}" for f in gates["failures"]]
+    budgets = report["budgets"]
+    lines += ["", "## Recommendation", "",
+              f"Budgets: latency {_num(budgets['latency_ms'], '{:g} ms')}, size {_num(budgets['size_kb'], '{:g} KB')}.",
+              "", report["recommendation"]["message"], "",
+              f"Pareto front (p50 latency vs top-1): {', '.join(report['pareto_front']) or '-'}.", ""]
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        lines += ["## Per-class recall", "",
+                  _md_table(["class"] + [r["name"] for r in ok],
+                            [[c] + [f"{r['per_class_recall'][c]:.2%}" for r in ok] for c in data["classes"]]), ""]
+    lines += ["## Plots", ""] + [f"![{key.replace('_', ' ')}]({name})" for key, name in report["plots"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(headers, cells) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in row] for row in [list(headers)] + list(cells)]
+    out = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(out + ["| " + " | ".join(row) + " |" for row in esc[1:]])
+
+
+def write_report(folder: Path, report: dict, class_names: list[str]) -> None:
+    """Write report.json, report.md and the three plots into `folder`, each atomically."""
+    from edgetl.plots import plot_confusion_matrix, plot_labeled_scatter
+
+    folder = Path(folder)
+    rows = [r for r in report["artifacts"] if r["status"] == "ok"]
+    choice = report["recommendation"]["artifact"]
+    points = [(r["name"], r["latency"]["p50_ms"], 100 * r["top1"], r["format"]) for r in rows]
+    plot_labeled_scatter(points, folder / report["plots"]["accuracy_vs_latency"], xlabel="latency, ms (p50, batch 1)",
+                         ylabel="top-1 accuracy, %", title="Accuracy vs latency (host)",
+                         front=report["pareto_front"], highlight=choice, logx=True)
+    points = [(r["name"], r["size_bytes"] / 1024, 100 * r["top1"], r["format"]) for r in rows]
+    plot_labeled_scatter(points, folder / report["plots"]["size_vs_accuracy"], xlabel="file size, KB",
+                         ylabel="top-1 accuracy, %", title="Size vs accuracy", highlight=choice, logx=True)
+    shown = next(r for r in rows if r["name"] == (choice or report["reference"]))
+    plot_confusion_matrix(shown["confusion_matrix"], class_names, folder / report["plots"]["confusion_matrix"],
+                          title=f"{shown['name']}{' (recommended)' if choice else ''}: test confusion matrix "
+                                f"(top-1 {shown['top1']:.1%})")
+    atomic_write_text(folder / "report.md", render_markdown(report))
+    atomic_write_json(folder / "report.json", report)

@@ -1,0 +1,294 @@
+"""Two-stage transfer training: feature extraction (frozen backbone), then fine-tuning.
+
+Writes a complete run directory (see `edgetl.rundir`). Stage 1 trains the new head, on cached
+backbone features when there is no augmentation (the backbone then runs once, not every epoch).
+Stage 2 unfreezes the top of the backbone with BatchNorm kept in inference mode, rebuilds the
+optimizer and trains at a low learning rate.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edgetl import __version__
+from edgetl.data import DatasetSplits, load_splits, make_dataset
+from edgetl.metrics import classification_metrics
+from edgetl.recipe import Recipe
+from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    warning: str | None = None
+
+
+def new_run_dir(out_root: str | Path, recipe_name: str) -> Path:
+    """A fresh `<out_root>/<recipe-name>/<timestamp>` directory."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out_root) / recipe_name / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(out_root) / recipe_name / f"{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def image_size_for(recipe: Recipe) -> int:
+    """The recipe's input size, or the backbone's default."""
+    from edgetl.backbones import get_spec
+
+    return recipe.data.image_size or get_spec(recipe.model.backbone).default_size
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _one_hot(ds, num_classes: int):
+    import tensorflow as tf
+
+    return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+
+
+def _compile(model, learning_rate: float, label_smoothing: float) -> None:
+    import tf_keras as keras
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def _callbacks(recipe: Recipe, has_val: bool, plateau: bool = False) -> list:
+    import tf_keras as keras
+
+    callbacks = []
+    if has_val and recipe.train.early_stopping_patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.train.early_stopping_patience,
+                                                       restore_best_weights=True))
+    if has_val and plateau:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, verbose=1))
+    return callbacks
+
+
+def class_weights(splits: DatasetSplits, mode: str) -> dict | None:
+    """Inverse-frequency class weights for `balanced`, else None."""
+    if mode != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([s.label for s in splits.train])
+    classes = np.arange(splits.num_classes)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+class Trainer:
+    """Holds the datasets and the classifier for one run; `stage1` and `stage2` train in place."""
+
+    def __init__(self, recipe: Recipe, splits: DatasetSplits, echo=print):
+        from edgetl.backbones import build_classifier
+
+        self.recipe, self.splits, self.echo = recipe, splits, echo
+        self.size = image_size_for(recipe)
+        m = recipe.model
+        self.clf = build_classifier(splits.num_classes, m.backbone, self.size, m.alpha, m.weights,
+                                    m.weights_fallback, m.pooling, m.dropout, m.hidden_units, recipe.seed)
+        if self.clf.warning:
+            echo(self.clf.warning)
+        d = recipe.data
+        self.bn_calibrated = 0
+        if self.clf.weights_source.startswith("random"):
+            self.bn_calibrated = self._calibrate_random_backbone()
+        common = dict(image_size=self.size, resize=d.resize, batch_size=d.batch_size, cache=d.cache)
+        n = splits.num_classes
+        self.train_ds = _one_hot(make_dataset(splits.train, shuffle=True, seed=recipe.seed, augment=recipe.augment,
+                                              **common), n)
+        self.plain_train_ds = make_dataset(splits.train, **common)
+        self.val_ds = _one_hot(make_dataset(splits.val, **common), n) if splits.val else None
+        self.test_ds = make_dataset(splits.test, **common)
+        self.class_weight = class_weights(splits, recipe.train.class_weight)
+        self.history: dict = {}
+        self.timings: dict = {}
+
+    def _calibrate_random_backbone(self, count: int = 64) -> int:
+        """Random backbones get BatchNorm statistics from training images, else their features vanish."""
+        from edgetl.backbones import calibrate_batchnorm
+        from edgetl.data import load_arrays
+
+        rng = np.random.default_rng(self.recipe.seed)
+        picks = rng.permutation(len(self.splits.train))[:count]
+        images, _ = load_arrays([self.splits.train[i] for i in picks], self.size, self.recipe.data.resize)
+        calibrate_batchnorm(self.clf, images.astype(np.float32))
+        self.echo(f"  random backbone: BatchNorm statistics estimated on {len(picks)} training images")
+        return len(picks)
+
+    def use_feature_cache(self) -> bool:
+        """Cache features when the recipe says so, by default when there is no augmentation."""
+        flag = self.recipe.train.stage1.cache_features
+        return (not self.recipe.augment.enabled) if flag is None else flag
+
+    def stage1(self) -> None:
+        """Train the new head on the frozen backbone."""
+        cfg, t0 = self.recipe.train.stage1, time.perf_counter()
+        if cfg.epochs == 0:
+            self.echo("stage 1 (feature extraction): skipped (epochs: 0)")
+            return
+        cached = self.use_feature_cache()
+        self.echo(f"stage 1 (feature extraction): {cfg.epochs} epochs, lr {cfg.learning_rate:g}, "
+                  f"{'cached backbone features' if cached else 'end to end, frozen backbone'}")
+        if cached:
+            history = self._fit_head_on_features(cfg)
+        else:
+            _compile(self.clf.model, cfg.learning_rate, self.recipe.train.label_smoothing)
+            history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
+                                         class_weight=self.class_weight, verbose=_verbose(),
+                                         callbacks=_callbacks(self.recipe, self.val_ds is not None)).history
+        self.history["stage1"] = _plain(history)
+        self.timings["stage1_s"] = round(time.perf_counter() - t0, 2)
+
+    def _fit_head_on_features(self, cfg):
+        import tf_keras as keras
+
+        n = self.splits.num_classes
+        t0 = time.perf_counter()
+        feats = self.clf.features.predict(self.plain_train_ds, verbose=0)
+        labels = keras.utils.to_categorical([s.label for s in self.splits.train], n)
+        val = None
+        if self.splits.val:
+            val_feats = self.clf.features.predict(make_dataset(self.splits.val, self.size, self.recipe.data.resize,
+                                                               self.recipe.data.batch_size), verbose=0)
+            val = (val_feats, keras.utils.to_categorical([s.label for s in self.splits.val], n))
+        self.timings["feature_extraction_s"] = round(time.perf_counter() - t0, 2)
+        self.echo(f"  backbone features for {len(feats)} train + {len(val[0]) if val else 0} val images "
+                  f"in {self.timings['feature_extraction_s']:.1f}s")
+        _compile(self.clf.head, cfg.learning_rate, self.recipe.train.label_smoothing)
+        return self.clf.head.fit(feats, labels, batch_size=self.recipe.data.batch_size, epochs=cfg.epochs,
+                                 validation_data=val, class_weight=self.class_weight, shuffle=True,
+                                 verbose=_verbose(), callbacks=_callbacks(self.recipe, val is not None)).history
+
+    def stage2(self) -> None:
+        """Unfreeze the top of the backbone (BatchNorm stays frozen) and fine-tune at a low rate."""
+        from edgetl.backbones import unfreeze
+
+        cfg, t0 = self.recipe.train.stage2, time.perf_counter()
+        if cfg.epochs == 0:
+            self.echo("stage 2 (fine-tuning): skipped (epochs: 0)")
+            return
+        start = unfreeze(self.clf.backbone, cfg.unfreeze_layers, cfg.unfreeze_from,
+                         None if (cfg.unfreeze_layers or cfg.unfreeze_from) else cfg.unfreeze_fraction)
+        trainable = sum(1 for layer in self.clf.backbone.layers if layer.trainable and layer.weights)
+        self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, lr {cfg.learning_rate:g}, backbone layers "
+                  f"{start}..{len(self.clf.backbone.layers) - 1} unfrozen ({trainable} with weights; "
+                  f"BatchNorm frozen, inference mode)")
+        _compile(self.clf.model, cfg.learning_rate, self.recipe.train.label_smoothing)
+        history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
+                                     class_weight=self.class_weight, verbose=_verbose(),
+                                     callbacks=_callbacks(self.recipe, self.val_ds is not None,
+                                                          cfg.reduce_lr_on_plateau)).history
+        self.history["stage2"] = _plain(history)
+        self.timings["stage2_s"] = round(time.perf_counter() - t0, 2)
+
+    def evaluate(self) -> dict:
+        """Test-split metrics of the current model."""
+        probs = self.clf.model.predict(self.test_ds, verbose=0)
+        y = np.array([s.label for s in self.splits.test])
+        return classification_metrics(y, probs, self.splits.class_names)
+
+
+def _plain(history: dict) -> dict:
+    return {k: [float(v) for v in vals] for k, vals in history.items()}
+
+
+def package_versions() -> dict:
+    """Versions of the libraries that shape the results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "edgetl": __version__}
+    for pkg in ("tensorflow", "tf-keras", "numpy", "scikit-learn", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_root: str | Path = "models",
+          echo=print) -> TrainResult:
+    """Train both stages and write the run directory; returns its path and test metrics."""
+    import tf_keras as keras
+
+    t_start = time.perf_counter()
+    keras.utils.set_random_seed(recipe.seed)
+    splits = load_splits(recipe, data_dir)
+    if data_dir is not None:
+        recipe.data.source = str(Path(splits.root))
+    run = RunDir(Path(run_dir) if run_dir else new_run_dir(out_root, recipe.name))
+    run.path.mkdir(parents=True, exist_ok=True)
+    echo(f"dataset {splits.source} ({splits.root}): {splits.num_classes} classes, {len(splits.train)} train / "
+         f"{len(splits.val)} val / {len(splits.test)} test images"
+         + (f", {len(splits.skipped)} files skipped (listed in manifest.json)" if splits.skipped else ""))
+    trainer = Trainer(recipe, splits, echo)
+    echo(f"model: {recipe.model.backbone} at {trainer.size}px, weights: {trainer.clf.weights_source}")
+    stage_metrics = {}
+    trainer.stage1()
+    if "stage1" in trainer.history:
+        stage_metrics["stage1"] = trainer.evaluate()
+        echo(f"  test top-1 after stage 1: {stage_metrics['stage1']['top1']:.2%}")
+    trainer.stage2()
+    final = trainer.evaluate() if "stage2" in trainer.history or not stage_metrics else stage_metrics["stage1"]
+    if "stage2" in trainer.history:
+        stage_metrics["stage2"] = final
+        echo(f"  test top-1 after stage 2: {final['top1']:.2%}")
+
+    metrics = {"test": final, "stages": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in stage_metrics.items()},
+               "weights_source": trainer.clf.weights_source}
+    if trainer.clf.warning:
+        metrics["warning"] = trainer.clf.warning
+    _write_run(run, recipe, splits, trainer, metrics, time.perf_counter() - t_start)
+    return TrainResult(run.path, metrics, trainer.clf.warning)
+
+
+def _write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Trainer, metrics: dict,
+               wall_s: float) -> None:
+    from edgetl.plots import plot_confusion_matrix, plot_training_curves
+
+    atomic_write_text(run.recipe_path, recipe.to_yaml())
+    atomic_write_text(run.labels_path, "\n".join(splits.class_names) + "\n")
+    with atomic_path(run.model_path) as tmp:
+        trainer.clf.model.save(tmp)
+    atomic_write_json(run.history_path, trainer.history)
+    atomic_write_json(run.metrics_path, metrics)
+    plot_training_curves(trainer.history, run.path / "training_curves.png")
+    plot_confusion_matrix(metrics["test"]["confusion_matrix"], splits.class_names, run.path / "confusion_matrix.png",
+                          title=f"{recipe.name}: test confusion matrix (top-1 {metrics['test']['top1']:.1%})")
+    atomic_write_json(run.manifest_path, {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe_fingerprint": recipe.fingerprint(),
+        "seed": recipe.seed,
+        "versions": package_versions(),
+        "model": {"backbone": recipe.model.backbone, "image_size": trainer.size, "alpha": recipe.model.alpha,
+                  "weights_source": trainer.clf.weights_source, "params": int(trainer.clf.model.count_params()),
+                  "feature_cache": trainer.use_feature_cache(),
+                  "batchnorm_calibrated_on": trainer.bn_calibrated},
+        "warning": trainer.clf.warning,
+        "dataset": splits.fingerprint(),
+        "skipped_files": [{"path": s.path, "reason": s.reason} for s in splits.skipped],
+        "timings_s": {**trainer.timings, "total_s": round(wall_s, 2)},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    })

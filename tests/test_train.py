@@ -1,0 +1,150 @@
+"""Two-stage training: feature-cache equivalence, what fine-tuning unfreezes, the run directory, the CLI."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import SHARED, tiny_recipe_dict
+from edgetl.backbones import WeightsError, build_classifier, create_backbone, unfreeze
+from edgetl.cli import cli
+from edgetl.data import load_splits
+from edgetl.recipe import load_recipe, recipe_from_dict
+from edgetl.rundir import RunDir
+from edgetl.train import Trainer
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def quiet(*_):
+    pass
+
+
+def test_feature_cache_matches_end_to_end_frozen_training(tiny_data):
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    raw = tiny_recipe_dict(tiny_data, data={"batch_size": 64}, train={"stage1": {"epochs": 3, "learning_rate": 0.05}})
+    recipe = recipe_from_dict(raw)
+    trainer = Trainer(recipe, load_splits(recipe), quiet)
+    start = [w.copy() for w in trainer.clf.head.get_weights()]
+    trainer.stage1()  # cached features (no augmentation)
+    cached = trainer.clf.head.get_weights()
+    assert trainer.use_feature_cache()
+    trainer.clf.head.set_weights(start)
+    recipe.train.stage1.cache_features = False
+    trainer.stage1()  # end to end through the frozen backbone
+    end_to_end = trainer.clf.head.get_weights()
+    assert not np.allclose(start[0], cached[0], atol=1e-3)  # training moved the head
+    for a, b in zip(cached, end_to_end):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_unfreeze_counts_and_batchnorm_stays_in_inference_mode():
+    import tf_keras as keras
+
+    clf = build_classifier(3, "mobilenet_v2", 32, alpha=0.35, weights=None, dropout=0.0)
+    base = clf.backbone
+    assert not any(layer.trainable for layer in base.layers) and not base.trainable_weights
+    start = unfreeze(base, layers=20)
+    assert start == len(base.layers) - 20
+    top = base.layers[start:]
+    bn = keras.layers.BatchNormalization
+    assert [layer.trainable for layer in base.layers[:start]] == [False] * start
+    assert all(layer.trainable == (not isinstance(layer, bn)) for layer in top)
+    assert not any(layer.trainable for layer in base.layers if isinstance(layer, bn))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(clf.model(x, training=True).numpy(), clf.model(x, training=False).numpy(), atol=1e-6)
+    assert unfreeze(base, from_layer="block_16_expand") == [l.name for l in base.layers].index("block_16_expand")
+    assert unfreeze(base, fraction=0.5) == round(len(base.layers) * 0.5)
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        unfreeze(base, from_layer="nope")
+
+
+def test_stage2_trains_only_unfrozen_layers(tiny_data):
+    raw = tiny_recipe_dict(tiny_data, train={"stage1": {"epochs": 0}, "stage2": {"epochs": 1, "unfreeze_layers": 10}})
+    recipe = recipe_from_dict(raw)
+    trainer = Trainer(recipe, load_splits(recipe), quiet)
+    base = trainer.clf.backbone
+    before = {w.name: w.numpy().copy() for w in base.weights}
+    trainer.stage2()
+    changed = {w.name for w in base.weights if not np.array_equal(before[w.name], w.numpy())}
+    top_names = {w.name for layer in base.layers[-10:] for w in layer.trainable_weights}
+    assert changed and changed <= top_names
+    assert not any("moving" in name for name in changed)
+
+
+def test_run_directory_contents(tiny_run):
+    run = RunDir(tiny_run.run_dir)
+    for name in ("recipe.yaml", "labels.txt", "model.keras", "history.json", "metrics.json", "manifest.json",
+                 "training_curves.png", "confusion_matrix.png"):
+        assert (run.path / name).is_file(), name
+    assert not list(run.path.glob(".*tmp*")), "temp files left behind"
+    assert run.labels() == ["blue", "green", "red"]
+    metrics = json.loads(run.metrics_path.read_text())
+    assert set(metrics["stages"]) == {"stage1", "stage2"}
+    assert 0.0 <= metrics["test"]["top1"] <= 1.0 and metrics["test"]["n"] == sum(metrics["test"]["confusion_matrix"][0]) + sum(
+        metrics["test"]["confusion_matrix"][1]) + sum(metrics["test"]["confusion_matrix"][2])
+    assert len(metrics["test"]["confusion_matrix"]) == 3 and set(metrics["test"]["per_class"]) == {"blue", "green", "red"}
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["dataset"]["counts"]["test"]["total"] == len(load_splits(run.load_recipe()).test)
+    assert manifest["model"]["weights_source"] == "random" and manifest["versions"]["tensorflow"].startswith("2.21")
+    assert {"stage1_s", "stage2_s", "total_s"} <= set(manifest["timings_s"])
+    history = json.loads(run.history_path.read_text())
+    assert len(history["stage1"]["loss"]) == 4 and len(history["stage2"]["loss"]) == 1
+    assert history["stage1"]["loss"][-1] < history["stage1"]["loss"][0]  # the head learned something
+    model = run.load_model()
+    x = np.zeros((1, 32, 32, 3), "float32")
+    assert model.predict(x, verbose=0).shape == (1, 3)
+    assert yaml.safe_load(run.recipe_path.read_text())["model"]["alpha"] == 0.35
+
+
+def test_missing_imagenet_weights_is_a_clear_error(monkeypatch, tmp_path):
+    import tf_keras as keras
+
+    real = keras.applications.MobileNetV2
+
+    def offline(*args, weights=None, **kwargs):
+        if weights == "imagenet":
+            raise Exception("URL fetch failure: no network")
+        return real(*args, weights=weights, **kwargs)
+
+    monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        create_backbone("mobilenet_v2", 96, alpha=0.5)
+    msg = str(err.value)
+    assert str(tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_96_no_top.h5") in msg
+    assert "model.weights" in msg
+    result = create_backbone("mobilenet_v2", 96, alpha=0.5, weights_fallback="random")
+    assert result.weights_source.startswith("random") and "RANDOM" in result.warning
+
+
+def test_cli_train_prints_summary_and_writes_run(tiny_data, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_data)))
+    result = CliRunner().invoke(cli, ["train", str(recipe), "--out", str(tmp_path / "out"),
+                                      "--set", "train.stage1.epochs=1", "--set", "train.stage2.epochs=0"])
+    assert result.exit_code == 0, result.output
+    assert "test top-1" in result.output and "run directory:" in result.output
+    runs = list((tmp_path / "out" / "tiny").iterdir())
+    assert len(runs) == 1 and (runs[0] / "model.keras").exists()
+    bad = CliRunner().invoke(cli, ["train", str(recipe), "--set", "train.stage1.epochz=1"])
+    assert bad.exit_code == 1 and "Did you mean 'epochs'" in bad.output
+
+
+@pytest.mark.integration
+def test_flowers5_with_offline_imagenet_weights(tmp_path):
+    """Real photos + ImageNet features: a short cached stage 1 at 96 px must beat chance by far."""
+    data, weights = SHARED / "data" / "flowers5", SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_notop_bncal.h5"
+    if not (data.is_dir() and weights.is_file()):
+        pytest.skip(f"needs {data} and {weights} (the project's ../shared folder)")
+    from edgetl.train import train
+
+    recipe = load_recipe(RECIPES / "flowers_mobilenet_v2.yaml", ["data.image_size=96", f"model.weights={weights}", "train.stage1.epochs=10",
+                          "train.stage2.epochs=0", "data.max_per_class=40"])
+    result = train(recipe, data_dir=data, run_dir=tmp_path / "run", echo=quiet)
+    assert result.metrics["weights_source"] == str(weights)
+    assert result.metrics["test"]["top1"] >= 0.6, result.metrics["test"]["top1"]  # chance is 0.2
