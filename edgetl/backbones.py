@@ -168,7 +168,8 @@ def build_classifier(num_classes: int, backbone: str = "mobilenet_v2", image_siz
     pooled = pool(x)
     head_layers = [L.Dropout(dropout, seed=seed, name="dropout")]
     head_layers += [L.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]
-    head_layers.append(L.Dense(num_classes, activation="softmax", name="predictions",
+    # float32 even under a mixed_float16 policy: the softmax and the loss need float32 precision
+    head_layers.append(L.Dense(num_classes, activation="softmax", name="predictions", dtype="float32",
                                kernel_initializer=keras.initializers.GlorotUniform(seed=seed)))
     feat_in = keras.Input((pooled.shape[-1],), name="features")
     y, h = pooled, feat_in

@@ -105,6 +105,98 @@ def train(recipe: Path, data_dir, out_root: Path, overrides):
     echo(f"run directory: {result.run_dir}  (metrics.json, manifest.json, training_curves.png)")
 
 
+@cli.command()
+@RUN_DIR
+@click.option("--formats", multiple=True, metavar="FORMAT:VARIANT[,VARIANT]",
+              help="What to export instead of the recipe's export section, e.g. --formats tflite:fp32,int8 "
+                   "--formats onnx:fp32 (repeatable).")
+@friendly_errors
+def export(run_dir: Path, formats):
+    """Export a trained run to TFLite and ONNX variants (PTQ, QAT, pruning) in RUN_DIR/exports/.
+
+    Each artifact is checked to load and run, carries its labels and metadata, and is listed in
+    exports/manifest.json with sizes, gzip sizes, hashes and quantization parameters.
+
+    \b
+    Examples:
+      edgetl export models/demo/run-1a2b3c
+      edgetl export models/demo/run-1a2b3c --formats tflite:int8,qat_int8 --formats onnx:int8
+    """
+    from edgetl.export import export_run, parse_formats
+
+    tflite, onnx = parse_formats(list(formats)) if formats else (None, None)
+    result = export_run(run_dir, tflite=tflite, onnx=onnx, echo=echo)
+    echo(f"manifest: {run_dir / 'exports' / 'manifest.json'}")
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} variant(s) failed: {', '.join(result.failed)}")
+
+
+GATE_OPTIONS = [
+    click.option("--threads", type=click.IntRange(1), help="Interpreter threads for latency (recipe: validate.threads)."),
+    click.option("--runs", type=click.IntRange(1), help="Timed runs per artifact."),
+    click.option("--warmup", type=click.IntRange(0), help="Untimed warm-up runs."),
+    click.option("--max-accuracy-drop", type=click.FloatRange(0), metavar="PP",
+                 help="Gate: largest top-1 drop vs Keras in percentage points (default 1.0)."),
+    click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FRACTION",
+                 help="Gate: smallest top-1 agreement with Keras."),
+    click.option("--budget-latency-ms", type=click.FloatRange(0), help="Recommend the best artifact within this p50 latency."),
+    click.option("--budget-size-kb", type=click.FloatRange(0), help="Recommend the best artifact within this file size."),
+]
+
+
+def gate_options(fn):
+    for option in reversed(GATE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@RUN_DIR
+@DATA
+@gate_options
+@friendly_errors
+def validate(run_dir: Path, data_dir, **options):
+    """Compare the Keras model and every export on the held-out images; gate and recommend.
+
+    Writes RUN_DIR/validation/report.json, report.md and plots; exits 1 when an artifact fails a gate.
+
+    \b
+    Examples:
+      edgetl validate models/demo/run-1a2b3c
+      edgetl validate models/demo/run-1a2b3c --min-agreement 0.98 --budget-latency-ms 2 --budget-size-kb 600
+    """
+    from edgetl.validate import validate_run
+
+    result = validate_run(run_dir, data_dir=data_dir, echo=echo, **options)
+    echo(f"report: {run_dir / 'validation' / 'report.md'} (JSON: report.json)")
+    if not result.passed:
+        sys.exit(1)
+
+
+@cli.command("run")
+@RECIPE
+@DATA
+@OUT
+@SET
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default OUT/<recipe-name>/run-<recipe fingerprint>, so a re-run resumes).")
+@friendly_errors
+def run_cmd(recipe: Path, data_dir, out_root: Path, overrides, run_dir):
+    """Train, export and validate RECIPE in one go; re-running resumes finished stages.
+
+    \b
+    Examples:
+      edgetl run recipes/demo.yaml
+      edgetl run recipes/flowers_mobilenet_v2.yaml --data ../shared/data/flowers5
+    """
+    from edgetl.pipeline import run_pipeline
+
+    result = run_pipeline(recipe, overrides, data_dir=data_dir, run_dir=run_dir, out_root=out_root, echo=echo)
+    echo(f"run directory: {result.run_dir}")
+    if not result.passed:
+        sys.exit(1)
+
+
 @cli.group()
 def recipe():
     """Inspect recipes."""
@@ -174,6 +266,105 @@ def datasets(json_out):
     echo("  Formats: JPEG, PNG, BMP, GIF (first frame); any mode becomes 8-bit RGB; EXIF orientation applied.")
     echo("  Unreadable files are skipped and listed in the run's manifest.json.")
     write_json(json_out, {"builtin": BUILTIN_DATASETS})
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--c-header", "c_header", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a 16-byte aligned C array (with length and labels) for TensorFlow Lite Micro.")
+@click.option("--name", "var_name", help="C variable name (default: from the file name).")
+@JSON_OUT
+@friendly_errors
+def embed(model: Path, c_header, var_name, json_out):
+    """Show MODEL.tflite's embedded metadata; write it as a C header for microcontrollers.
+
+    \b
+    Examples:
+      edgetl embed models/demo/<run>/exports/tflite-int8.tflite
+      edgetl embed model.tflite --c-header model_data.h
+    """
+    from edgetl.embed import write_c_header
+    from edgetl.metadata import NoMetadataError, read_metadata
+
+    try:
+        meta = read_metadata(model)
+    except NoMetadataError:
+        meta = None
+    if meta:
+        echo(f"{model}: {meta['name']} v{meta['version']} - {meta['description']}")
+        echo(f"  input normalisation mean {meta['input_mean']} std {meta['input_std']}, "
+             f"range {meta['input_min']}..{meta['input_max']}")
+        for out in meta["outputs"]:
+            labels = out.get("labels") or []
+            echo(f"  output {out['name']}: {len(labels)} labels ({', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''})")
+    else:
+        echo(f"{model}: no TFLite metadata")
+    result = {"model": str(model), "metadata": meta}
+    if c_header:
+        path = write_c_header(model, c_header, var_name=var_name)
+        result["c_header"] = str(path)
+        echo(f"C header written to {path} ({model.stat().st_size:,} model bytes)")
+    write_json(json_out, result)
+
+
+@cli.command()
+@click.argument("target", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--export-runner", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the portable single-file runner (zipapp) here and exit.")
+@click.option("--remote", metavar="USER@HOST[:PORT]", help="Run on a device over SSH and compare with this host.")
+@click.option("--identity", type=click.Path(exists=True, dir_okay=False), help="SSH private key for --remote.")
+@click.option("--python", "remote_python", default="python3", show_default=True, help="Python on the device.")
+@click.option("--threads", default="1,2,4", show_default=True, help="Thread counts, comma-separated.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(1), help="Timed runs.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Warm-up runs.")
+@click.option("--xnnpack", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
+              help="TFLite XNNPACK delegate modes to time.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Images (class folders) for accuracy.")
+@JSON_OUT
+@friendly_errors
+def bench(target, export_runner, remote, identity, remote_python, threads, runs, warmup, xnnpack, images, json_out):
+    """TensorFlow-free latency/accuracy of a .tflite/.onnx, every artifact of a run, or on a device.
+
+    TARGET is a model file or a run directory (all its exports; adds an `edge` section to the
+    validation report). The same runner works on boards without TensorFlow: see --export-runner.
+
+    \b
+    Examples:
+      edgetl bench models/demo/<run>                       # every artifact, this host
+      edgetl bench model.tflite --threads 1,4 --images data/test
+      edgetl bench model.tflite --remote pi@raspberrypi.local --identity ~/.ssh/id_ed25519
+      edgetl bench --export-runner runner.pyz              # then: python3 runner.pyz model.tflite
+    """
+    from edgetl.edge.bench import BenchOptions, format_report, parse_threads
+    from edgetl.edge.remote import RemoteError, format_side_by_side, run_remote
+    from edgetl.edge.sweep import BenchFailed, bench_in_subprocess, bench_run_dir, format_sweep
+    from edgetl.edge.zipapp import build_runner
+
+    if export_runner:
+        echo(f"runner written to {build_runner(export_runner)}; run it with: python3 {export_runner} MODEL")
+        return
+    if target is None:
+        raise click.UsageError("give a model file or a run directory (or --export-runner PATH)")
+    options = BenchOptions(threads=parse_threads(threads), runs=runs, warmup=warmup, xnnpack=xnnpack, images=images)
+    try:
+        if target.is_dir():
+            doc = bench_run_dir(target, options)
+            echo(format_sweep(doc))
+            failed = [a for a in doc.get("artifacts", []) if a.get("error") and not a["error"].startswith("not exported")]
+        elif remote:
+            host = bench_in_subprocess(target, options)
+            doc = {"host": host, "device": run_remote(target, remote, options, identity=identity, python=remote_python)}
+            echo(format_side_by_side(doc["host"], doc["device"]))
+            failed = []
+        else:
+            doc = bench_in_subprocess(target, options)
+            echo(format_report(doc))
+            failed = []
+    except (RemoteError, BenchFailed) as exc:
+        raise click.ClickException(str(exc)) from None
+    write_json(json_out, doc)
+    if failed:
+        raise click.ClickException(f"{len(failed)} artifact(s) failed: " + ", ".join(a.get("name", "?") for a in failed))
 
 
 def main():

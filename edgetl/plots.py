@@ -76,36 +76,56 @@ def plot_confusion_matrix(matrix, class_names: list[str], path: str | os.PathLik
     save_figure(fig, path)
 
 
+
 def plot_labeled_scatter(points, path: str | os.PathLike, *, xlabel: str, ylabel: str, title: str,
                          front=(), highlight: str | None = None, logx: bool = False) -> None:
     """Scatter of named points (label, x, y, group), every point labeled, colored by group.
 
-    `front` (labels, in x order) is drawn as a dashed line, e.g. a Pareto front; `highlight` gets a star.
+    `front` (labels, in x order) is drawn as a dashed line through ringed points, e.g. a Pareto front;
+    `highlight` gets a star. Labels of nearby points are stacked so that they stay readable.
     """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     groups = sorted({p[3] for p in points})
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     for group in groups:
-        xs = [p[1] for p in points if p[3] == group]
-        ys = [p[2] for p in points if p[3] == group]
-        ax.scatter(xs, ys, s=40, color=colors[group], label=group, zorder=3)
-    for label, x, y, _ in points:
-        ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        ax.scatter([p[1] for p in points if p[3] == group], [p[2] for p in points if p[3] == group], s=40,
+                   color=colors[group], label=group, zorder=3)
     by_label = {p[0]: p for p in points}
     line = [by_label[name] for name in front if name in by_label]
     if line:
-        ax.plot([p[1] for p in line], [p[2] for p in line], linestyle="--", color="grey", zorder=2,
-                label="Pareto front")
+        ax.plot([p[1] for p in line], [p[2] for p in line], linestyle="--", color="grey", marker="o", markersize=12,
+                markerfacecolor="none", zorder=2, label="Pareto front")
     if highlight in by_label:
         _, x, y, _ = by_label[highlight]
         ax.scatter([x], [y], s=260, marker="*", facecolors="none", edgecolors="black", zorder=4,
                    label=f"recommended: {highlight}")
     if logx:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15, y=0.12)
+    _place_labels(ax, points)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
     save_figure(fig, path)
+
+
+def _place_labels(ax, points, height: float = 10.0, char_width: float = 5.0) -> None:
+    """Annotate each point, moving a label down while its box (in points) would overlap one already placed."""
+    ax.autoscale_view()
+    to_points = 72.0 / ax.figure.dpi
+    placed = []
+    for label, x, y, _ in sorted(points, key=lambda p: (-p[2], p[1])):
+        px, py = ax.transData.transform((x, y)) * to_points
+        dy, width = 4.0, char_width * len(label)
+        while any(abs(px - qx) < max(width, qw) and abs(py + dy - qy) < height for qx, qy, qw in placed):
+            dy -= height
+        placed.append((px, py + dy, width))
+        ax.annotate(label, (x, y), xytext=(5, dy), textcoords="offset points", fontsize=8)

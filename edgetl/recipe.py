@@ -151,6 +151,31 @@ class ValidateConfig:
 
 
 @dataclass
+class DomainAdaptationConfig:
+    target_data: Optional[str] = opt(None, "Unlabeled images from the deployment domain (a folder, searched "
+                                           "recursively); setting it turns on domain-adversarial training (DANN).")
+    target_test: Optional[str] = opt(None, "Labeled class-per-folder images from the deployment domain, to "
+                                           "report target accuracy next to a source-only baseline.")
+    domain_loss_weight: float = opt(1.0, "Weight of the domain-classifier loss.", min=0.0)
+    grl_max: float = opt(1.0, "Final gradient-reversal coefficient; ramped from 0 as 2/(1+exp(-10p))-1.",
+                         min=0.0, max=10.0)
+    bottleneck_units: int = opt(256, "Size of the adaptable feature layer between pooling and classifier.", min=8)
+    domain_hidden_units: int = opt(256, "Hidden units of the domain classifier.", min=8)
+
+
+@dataclass
+class DistributeConfig:
+    strategy: Literal["auto", "none", "mirrored", "multi_worker"] = opt(
+        "auto", "tf.distribute strategy: auto = MirroredStrategy when more than one GPU is visible, else none; "
+                "multi_worker reads TF_CONFIG.")
+    devices: list[str] = opt(None, "Devices for `mirrored`, e.g. [/gpu:0, /gpu:1]; empty = all visible.",
+                             factory=list)
+    lr_scaling: Literal["none", "linear"] = opt("none", "Learning-rate rule across replicas: none keeps the "
+                                                        "recipe's rate; linear multiplies it by the replica count.")
+    mixed_precision: bool = opt(False, "Train with mixed_float16 on GPU (the head's output stays float32).")
+
+
+@dataclass
 class Recipe:
     name: str = opt("experiment", "Run name; runs go to <out>/<name>/<run-id>/.")
     description: str = opt("", "Free text, copied into model metadata.")
@@ -162,6 +187,9 @@ class Recipe:
     train: TrainConfig = opt(None, "Two-stage transfer training.", factory=TrainConfig)
     export: ExportConfig = opt(None, "Exported artifacts.", factory=ExportConfig)
     validate: ValidateConfig = opt(None, "Validation gates and budgets.", factory=ValidateConfig)
+    adapt: DomainAdaptationConfig = opt(None, "Unsupervised domain adaptation (DANN).",
+                                        factory=DomainAdaptationConfig)
+    distribute: DistributeConfig = opt(None, "Distributed / GPU training.", factory=DistributeConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON ready)."""

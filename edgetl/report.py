@@ -14,6 +14,12 @@ HEADERS = ("artifact", "input", "top-1", "vs keras", "top-5", "agree", "max|dp|"
 GATE_CELLS = {"reference": "ref", "pass": "pass", "fail": "FAIL", "error": "ERROR"}
 
 
+def table_headers(rows: list[dict]) -> list[str]:
+    """HEADERS with top-5 renamed to the k actually used (k is capped at the class count)."""
+    k = rows[0]["top5_k"] if rows else 5
+    return [f"top-{k}" if h == "top-5" else h for h in HEADERS]
+
+
 def table_cells(rows: list[dict]) -> list[list[str]]:
     """One list of formatted cells per report row (HEADERS order); the Keras row shows `ref` for deltas."""
     cells = []
@@ -44,20 +50,25 @@ def _num(value, fmt: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain aligned text, one line per artifact (readable on a terminal, in a log file and in CI)."""
-    from edgetl.edge.bench import format_table as align
-
-    return align(HEADERS, table_cells(rows))
+    """Plain aligned text, one line per artifact (readable on a terminal, in a log file and in CI):
+    name and input type left-aligned, the figures right-aligned."""
+    lines = [table_headers(rows)] + table_cells(rows)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
 
 
 def format_summary(report: dict) -> str:
     """Table, errors, skipped exports, gate verdict and recommendation: what `edgetl validate` prints."""
     lines = [format_table(report["artifacts"]), ""]
     lines += [f"error  {r['name']}: {r['error']}" for r in report["artifacts"] if r["status"] != "ok"]
+    lines += [f"warning  {r['name']}: the file differs from the exported one (sha256 in exports/manifest.json)"
+              for r in report["artifacts"] if r["modified_since_export"]]
     lines += [f"not evaluated  {s['name']}: {s['status']} at export ({s['error'] or 'no reason given'})"
               for s in report["skipped"]]
     gates = report["gates"]
-    verdict = "passed" if gates["passed"] else f"FAILED for {len({f['artifact'] for f in gates['failures']})} artifact(s)"
+    failed = {f["artifact"] for f in gates["failures"]}
+    verdict = f"FAILED for {len(failed)} artifact(s)" if failed else "passed"
     lines.append(f"gates (max top-1 drop {gates['max_accuracy_drop_pp']:g} pp vs Keras, "
                  f"min agreement {gates['min_agreement']:g}): {verdict}")
     lines += [f"  GATE FAILED  {f['message']}" for f in gates["failures"]]
@@ -81,12 +92,14 @@ def render_markdown(report: dict) -> str:
         f"- Host: {host.get('cpu') or host.get('machine')}, {host.get('cpu_count')} CPUs, {host.get('os')}, "
         f"Python {host.get('python')}. These are host figures; use `edgetl edge` for device numbers.", "",
         "## Results", "",
-        _md_table(HEADERS, table_cells(rows)), "",
+        _md_table(table_headers(rows), table_cells(rows)), "",
     ]
     if report["training_top1"] is not None:
         same = "matches" if report["keras_matches_training"] else "DOES NOT match"
         lines += [f"Keras top-1 {same} the training run's test top-1 ({report['training_top1']:.2%}).", ""]
     lines += [f"- **{r['name']}** could not be evaluated: {r['error']}" for r in rows if r["status"] != "ok"]
+    lines += [f"- **{r['name']}** differs from the exported file (sha256 in exports/manifest.json)"
+              for r in rows if r["modified_since_export"]]
     lines += [f"- **{x['name']}** was not exported ({x['status']}): {x['error'] or 'no reason given'}"
               for x in report["skipped"]]
     gates = report["gates"]

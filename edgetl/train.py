@@ -3,13 +3,15 @@
 Writes a complete run directory (see `edgetl.rundir`). Stage 1 trains the new head, on cached
 backbone features when there is no augmentation (the backbone then runs once, not every epoch).
 Stage 2 unfreezes the top of the backbone with BatchNorm kept in inference mode, rebuilds the
-optimizer and trains at a low learning rate.
+optimizer and trains at a low learning rate. Both stages run inside the recipe's `tf.distribute`
+strategy scope (see `edgetl.distribute`); in a multi-worker cluster only the chief writes the run.
 """
 from __future__ import annotations
 
 import platform
-import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from edgetl import __version__
+from edgetl.edge.runtime import peak_rss_mb
 from edgetl.data import DatasetSplits, load_splits, make_dataset
+from edgetl.distribute import describe, is_chief, make_strategy, mixed_precision, replicas, scaled_learning_rate
 from edgetl.metrics import classification_metrics
 from edgetl.recipe import Recipe
 from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text
@@ -29,6 +33,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict
     warning: str | None = None
+    chief: bool = True  # False on the other workers of a multi-worker cluster: their run_dir is removed
 
 
 def new_run_dir(out_root: str | Path, recipe_name: str) -> Path:
@@ -41,12 +46,6 @@ def new_run_dir(out_root: str | Path, recipe_name: str) -> Path:
         path = Path(out_root) / recipe_name / f"{stamp}-{n}"
     path.mkdir(parents=True)
     return path
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def image_size_for(recipe: Recipe) -> int:
@@ -99,16 +98,18 @@ def class_weights(splits: DatasetSplits, mode: str) -> dict | None:
 
 
 class Trainer:
-    """Holds the datasets and the classifier for one run; `stage1` and `stage2` train in place."""
+    """Holds the datasets and the classifier for one run; `stage1` and `stage2` train in place.
+
+    Create and train it inside a `tf.distribute` strategy scope to distribute it (default: one device).
+    """
 
     def __init__(self, recipe: Recipe, splits: DatasetSplits, echo=print):
-        from edgetl.backbones import build_classifier
+        import tensorflow as tf
 
         self.recipe, self.splits, self.echo = recipe, splits, echo
+        self.replicas = replicas(tf.distribute.get_strategy())
         self.size = image_size_for(recipe)
-        m = recipe.model
-        self.clf = build_classifier(splits.num_classes, m.backbone, self.size, m.alpha, m.weights,
-                                    m.weights_fallback, m.pooling, m.dropout, m.hidden_units, recipe.seed)
+        self.clf = self._build_classifier(recipe.model.weights)
         if self.clf.warning:
             echo(self.clf.warning)
         d = recipe.data
@@ -125,6 +126,24 @@ class Trainer:
         self.class_weight = class_weights(splits, recipe.train.class_weight)
         self.history: dict = {}
         self.timings: dict = {}
+
+    def _build_classifier(self, weights):
+        from edgetl.backbones import build_classifier
+
+        m = self.recipe.model
+        return build_classifier(self.splits.num_classes, m.backbone, self.size, m.alpha, weights,
+                                m.weights_fallback, m.pooling, m.dropout, m.hidden_units, self.recipe.seed)
+
+    def to_float32(self) -> None:
+        """Replace a mixed-precision classifier by a float32 one with the same weights (for saving)."""
+        trained = self.clf
+        self.clf = self._build_classifier(None)
+        self.clf.model.set_weights(trained.model.get_weights())
+        self.clf.weights_source, self.clf.warning = trained.weights_source, trained.warning
+
+    def learning_rate(self, lr: float) -> float:
+        """A recipe learning rate under `distribute.lr_scaling` for this trainer's replica count."""
+        return scaled_learning_rate(lr, self.recipe.distribute, self.replicas)
 
     def _calibrate_random_backbone(self, count: int = 64) -> int:
         """Random backbones get BatchNorm statistics from training images, else their features vanish."""
@@ -150,12 +169,13 @@ class Trainer:
             self.echo("stage 1 (feature extraction): skipped (epochs: 0)")
             return
         cached = self.use_feature_cache()
-        self.echo(f"stage 1 (feature extraction): {cfg.epochs} epochs, lr {cfg.learning_rate:g}, "
+        self.echo(f"stage 1 (feature extraction): {cfg.epochs} epochs, "
+                  f"lr {self.learning_rate(cfg.learning_rate):g}, "
                   f"{'cached backbone features' if cached else 'end to end, frozen backbone'}")
         if cached:
             history = self._fit_head_on_features(cfg)
         else:
-            _compile(self.clf.model, cfg.learning_rate, self.recipe.train.label_smoothing)
+            _compile(self.clf.model, self.learning_rate(cfg.learning_rate), self.recipe.train.label_smoothing)
             history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                          class_weight=self.class_weight, verbose=_verbose(),
                                          callbacks=_callbacks(self.recipe, self.val_ds is not None)).history
@@ -177,7 +197,7 @@ class Trainer:
         self.timings["feature_extraction_s"] = round(time.perf_counter() - t0, 2)
         self.echo(f"  backbone features for {len(feats)} train + {len(val[0]) if val else 0} val images "
                   f"in {self.timings['feature_extraction_s']:.1f}s")
-        _compile(self.clf.head, cfg.learning_rate, self.recipe.train.label_smoothing)
+        _compile(self.clf.head, self.learning_rate(cfg.learning_rate), self.recipe.train.label_smoothing)
         return self.clf.head.fit(feats, labels, batch_size=self.recipe.data.batch_size, epochs=cfg.epochs,
                                  validation_data=val, class_weight=self.class_weight, shuffle=True,
                                  verbose=_verbose(), callbacks=_callbacks(self.recipe, val is not None)).history
@@ -193,10 +213,10 @@ class Trainer:
         start = unfreeze(self.clf.backbone, cfg.unfreeze_layers, cfg.unfreeze_from,
                          None if (cfg.unfreeze_layers or cfg.unfreeze_from) else cfg.unfreeze_fraction)
         trainable = sum(1 for layer in self.clf.backbone.layers if layer.trainable and layer.weights)
-        self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, lr {cfg.learning_rate:g}, backbone layers "
-                  f"{start}..{len(self.clf.backbone.layers) - 1} unfrozen ({trainable} with weights; "
+        self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, lr {self.learning_rate(cfg.learning_rate):g}, "
+                  f"backbone layers {start}..{len(self.clf.backbone.layers) - 1} unfrozen ({trainable} with weights; "
                   f"BatchNorm frozen, inference mode)")
-        _compile(self.clf.model, cfg.learning_rate, self.recipe.train.label_smoothing)
+        _compile(self.clf.model, self.learning_rate(cfg.learning_rate), self.recipe.train.label_smoothing)
         history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                      class_weight=self.class_weight, verbose=_verbose(),
                                      callbacks=_callbacks(self.recipe, self.val_ds is not None,
@@ -234,38 +254,59 @@ def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_
     import tf_keras as keras
 
     t_start = time.perf_counter()
+    strategy = make_strategy(recipe.distribute, echo)  # first: multi_worker must start before TF runs anything
     keras.utils.set_random_seed(recipe.seed)
     splits = load_splits(recipe, data_dir)
     if data_dir is not None:
         recipe.data.source = str(Path(splits.root))
-    run = RunDir(Path(run_dir) if run_dir else new_run_dir(out_root, recipe.name))
-    run.path.mkdir(parents=True, exist_ok=True)
+    chief = is_chief(strategy)
+    if chief:
+        run = RunDir(Path(run_dir) if run_dir else new_run_dir(out_root, recipe.name))
+        run.path.mkdir(parents=True, exist_ok=True)
+    else:  # the other workers save too (TF's multi-worker pattern) but into a scratch folder, removed below
+        run = RunDir(Path(tempfile.mkdtemp(prefix="edgetl-worker-")))
     echo(f"dataset {splits.source} ({splits.root}): {splits.num_classes} classes, {len(splits.train)} train / "
          f"{len(splits.val)} val / {len(splits.test)} test images"
          + (f", {len(splits.skipped)} files skipped (listed in manifest.json)" if splits.skipped else ""))
-    trainer = Trainer(recipe, splits, echo)
-    echo(f"model: {recipe.model.backbone} at {trainer.size}px, weights: {trainer.clf.weights_source}")
-    stage_metrics = {}
-    trainer.stage1()
-    if "stage1" in trainer.history:
-        stage_metrics["stage1"] = trainer.evaluate()
-        echo(f"  test top-1 after stage 1: {stage_metrics['stage1']['top1']:.2%}")
-    trainer.stage2()
-    final = trainer.evaluate() if "stage2" in trainer.history or not stage_metrics else stage_metrics["stage1"]
-    if "stage2" in trainer.history:
-        stage_metrics["stage2"] = final
-        echo(f"  test top-1 after stage 2: {final['top1']:.2%}")
+    dist = describe(strategy)
+    echo(f"distribute: {dist['strategy']}, {dist['replicas']} replica(s) on {', '.join(dist['devices'])}; "
+         f"global batch {recipe.data.batch_size}"
+         + (f", learning rates x{dist['replicas']} (lr_scaling: linear)" if recipe.distribute.lr_scaling == "linear"
+            else "") + ("" if chief else "; not the chief: the chief writes the run directory"))
+    try:
+        with strategy.scope():
+            with mixed_precision(recipe.distribute, echo) as mixed:
+                trainer = Trainer(recipe, splits, echo)
+                echo(f"model: {recipe.model.backbone} at {trainer.size}px, weights: {trainer.clf.weights_source}")
+                stage_metrics = {}
+                trainer.stage1()
+                if "stage1" in trainer.history:
+                    stage_metrics["stage1"] = trainer.evaluate()
+                    echo(f"  test top-1 after stage 1: {stage_metrics['stage1']['top1']:.2%}")
+                trainer.stage2()
+            if mixed:
+                trainer.to_float32()  # export and validation get an ordinary float32 model
+            final = trainer.evaluate() if "stage2" in trainer.history or mixed or not stage_metrics \
+                else stage_metrics["stage1"]
+        if "stage2" in trainer.history:
+            stage_metrics["stage2"] = final
+            echo(f"  test top-1 after stage 2: {final['top1']:.2%}")
 
-    metrics = {"test": final, "stages": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in stage_metrics.items()},
-               "weights_source": trainer.clf.weights_source}
-    if trainer.clf.warning:
-        metrics["warning"] = trainer.clf.warning
-    _write_run(run, recipe, splits, trainer, metrics, time.perf_counter() - t_start)
-    return TrainResult(run.path, metrics, trainer.clf.warning)
+        metrics = {"test": final,
+                   "stages": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in stage_metrics.items()},
+                   "weights_source": trainer.clf.weights_source}
+        if trainer.clf.warning:
+            metrics["warning"] = trainer.clf.warning
+        dist.update(lr_scaling=recipe.distribute.lr_scaling, mixed_precision=mixed)
+        _write_run(run, recipe, splits, trainer, metrics, dist, time.perf_counter() - t_start)
+    finally:
+        if not chief:
+            shutil.rmtree(run.path, ignore_errors=True)
+    return TrainResult(run.path, metrics, trainer.clf.warning, chief)
 
 
 def _write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Trainer, metrics: dict,
-               wall_s: float) -> None:
+               distribute: dict, wall_s: float) -> None:
     from edgetl.plots import plot_confusion_matrix, plot_training_curves
 
     atomic_write_text(run.recipe_path, recipe.to_yaml())
@@ -287,6 +328,7 @@ def _write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Trai
                   "feature_cache": trainer.use_feature_cache(),
                   "batchnorm_calibrated_on": trainer.bn_calibrated},
         "warning": trainer.clf.warning,
+        "distribute": distribute,
         "dataset": splits.fingerprint(),
         "skipped_files": [{"path": s.path, "reason": s.reason} for s in splits.skipped],
         "timings_s": {**trainer.timings, "total_s": round(wall_s, 2)},

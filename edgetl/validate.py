@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -186,8 +187,8 @@ def _run_worker(art: dict, images_path: Path, work: Path, cfg, batch_size: int) 
         return {"error": f"did not finish within {WORKER_TIMEOUT_S:.0f} s", "result": None, "probs": None}
     if proc.returncode != 0 or not (work / "result.json").is_file():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        return {"error": lines[-1] if lines else f"worker exit status {proc.returncode}", "result": None,
-                "probs": None}
+        error = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[-1]) if lines else f"worker exit status {proc.returncode}"
+        return {"error": error, "result": None, "probs": None}
     return {"error": None, "result": read_json(work / "result.json"), "probs": np.load(work / "probs.npy")}
 
 
@@ -215,6 +216,8 @@ def score_rows(artifacts: list[dict], outputs: list[dict], labels: np.ndarray, c
         probs, error = out["probs"], out["error"]
         if probs is not None and probs.shape != ref["probs"].shape:
             error = f"outputs {probs.shape[1:]} scores per image, the Keras model {ref['probs'].shape[1:]}"
+        elif probs is not None and not np.isfinite(probs).all():
+            error = "outputs NaN or infinite scores"
         row.update(status="error" if error else "ok", error=error)
         res = out["result"] or {}
         row.update({key: res.get(key) for key in ("runtime", "runtime_version", "input_dtype", "input_shape",
@@ -411,7 +414,8 @@ class KerasRunner(Runner):
         self.load_time_s = time.perf_counter() - start
         self._call = tf.function(lambda x: self._model(x, training=False))
         self._tf, self._batch_size = tf, batch_size
-        self.path, self.kind, self.runtime_name, self.runtime_version = Path(path), "keras", "tf_keras", keras.__version__
+        self.path, self.kind = Path(path), "keras"
+        self.runtime_name, self.runtime_version = "tf_keras", keras.__version__
         self.input_shape = tuple(int(d) for d in self._model.input_shape[1:])
         self.input_dtype, self.output_names = "float32", list(self._model.output_names)
         self.threads, self.xnnpack, self.labels = threads, None, None

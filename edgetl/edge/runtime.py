@@ -313,7 +313,17 @@ def read_labels_file(path) -> Optional[List[str]]:
 
 
 def peak_rss_mb() -> Optional[float]:
-    """Peak resident memory of this process in MiB (None where the resource module does not exist)."""
+    """Peak resident memory of this process in MiB: VmHWM on Linux, else ru_maxrss (None if neither exists).
+
+    VmHWM starts afresh at exec; ru_maxrss keeps the forking parent's peak across exec, so a worker
+    started from a big process would report the parent's figure.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

@@ -1,0 +1,241 @@
+"""Keras-level preparation for export: flattening, quantization-aware training (QAT) and pruning.
+
+A transfer model nests its backbone as a Model inside the classifier, which tensorflow-model-optimization
+refuses to quantize or prune, so `flatten_model` first rebuilds it as one functional graph with copied
+weights (and `check_same_outputs` proves it computes the same thing). `quantize_aware` annotates every
+layer the default 8-bit scheme supports and leaves the rest (preprocessing, hard-swish, ...) in float;
+`prune` wraps the Conv/Depthwise/Dense kernels with a polynomial-decay magnitude-pruning schedule.
+Nothing here converts to a file format; `edgetl.export` does that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Kernels `prune` sparsifies (tfmot's pruning registry leaves DepthwiseConv2D dense: it has few weights).
+PRUNED_TYPES = ("Conv2D", "Dense")
+# Layers whose directly following BatchNormalization tfmot's QAT layout transforms handle.
+BN_PARENTS = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+class OptimizeError(RuntimeError):
+    """A model could not be prepared (flattening changed the outputs, nothing to quantize, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flattening
+
+
+def flatten_model(model):
+    """Rebuild a functional model with nested functional models inlined; fresh layers, identical weights.
+
+    A frozen backbone is called with `training=False`, which only keeps its BatchNorm in inference
+    mode; the flat graph drops that argument (so fake-quant observers still see training batches) and
+    `freeze_batchnorm` keeps BatchNorm in inference mode instead.
+    """
+    import tensorflow as tf
+    import tf_keras as keras
+
+    clones: dict = {}
+    names: set[str] = set()
+
+    def clone(layer, scope: str):
+        if id(layer) not in clones:
+            config = layer.get_config()
+            config["name"] = layer.name if layer.name not in names else f"{scope}_{layer.name}"
+            names.add(config["name"])
+            clones[id(layer)] = (layer, layer.__class__.from_config(config))
+        return clones[id(layer)][1]
+
+    def replay(net, inputs):
+        tensors = {id(t): x for t, x in zip(net.inputs, inputs)}
+
+        def resolve(value):
+            return tensors.get(id(value), value)
+
+        for depth in sorted(net._nodes_by_depth, reverse=True):  # inputs first
+            for node in net._nodes_by_depth[depth]:
+                layer = node.layer
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                args = tf.nest.map_structure(resolve, node.call_args)
+                if _is_functional(layer):
+                    outputs = replay(layer, tf.nest.flatten(args))
+                else:
+                    kwargs = tf.nest.map_structure(resolve, dict(node.call_kwargs))
+                    outputs = clone(layer, net.name)(*args, **kwargs)
+                for old, new in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
+                    tensors[id(old)] = new
+        return [tensors[id(t)] for t in net.outputs]
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
+              for t, layer in zip(model.inputs, model._input_layers)]
+    outputs = replay(model, inputs)
+    flat = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=f"{model.name}_flat")
+    for original, copy in clones.values():
+        copy.set_weights(original.get_weights())
+    return flat
+
+
+def _is_functional(layer) -> bool:
+    import tf_keras as keras
+
+    return isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
+
+
+def check_same_outputs(reference, candidate, images: np.ndarray, atol: float = 1e-5) -> float:
+    """Largest absolute output difference of two models on `images`; OptimizeError above `atol`."""
+    a = np.asarray(reference(images, training=False))
+    b = np.asarray(candidate(images, training=False))
+    diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else math.inf
+    if diff > atol:
+        raise OptimizeError(f"the rebuilt model {candidate.name!r} differs from {reference.name!r} by {diff:.3g} "
+                            f"(allowed {atol:g}); refusing to quantize or prune it")
+    return diff
+
+
+def freeze_batchnorm(model) -> None:
+    """BatchNorm layers keep their statistics while fine-tuning (as in training stage 2); the rest trains."""
+    import tf_keras as keras
+
+    for layer in model.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization-aware training
+
+
+@dataclass
+class QatModel:
+    model: object  # keras.Model with fake-quantization wrappers
+    layers_left_float: list[str]
+
+
+def quantize_aware(flat_model, scheme=None) -> QatModel:
+    """Annotate what tfmot's default 8-bit registry supports, leave the rest float, apply QAT wrappers.
+
+    BatchNorm has no quantize config of its own; it is annotated when it directly follows a linear
+    Conv2D/DepthwiseConv2D/Dense, the patterns tfmot's layout transforms fold. `scheme` defaults to
+    the 8-bit scheme (pass the prune-preserving one to keep sparsity).
+    """
+    import tf_keras as keras
+    import tensorflow_model_optimization as tfmot
+
+    quant = tfmot.quantization.keras
+    registry = quant.default_8bit.Default8BitQuantizeRegistry()
+    annotated = {layer.name for layer in flat_model.layers
+                 if not isinstance(layer, keras.layers.InputLayer) and registry.supports(layer)}
+    annotated |= {layer.name for layer in flat_model.layers if _foldable_batchnorm(layer, annotated)}
+    left_float = [layer.name for layer in flat_model.layers
+                  if layer.name not in annotated and not isinstance(layer, keras.layers.InputLayer)]
+    if not annotated:
+        raise OptimizeError(f"no layer of {flat_model.name!r} can be quantized by tensorflow-model-optimization")
+
+    def annotate(layer):  # quantize_apply copies the model and its weights, so wrapping in place is safe
+        return quant.quantize_annotate_layer(layer) if layer.name in annotated else layer
+
+    marked = keras.models.clone_model(flat_model, clone_function=annotate)
+    with quant.quantize_scope():
+        qat = quant.quantize_apply(marked, scheme) if scheme is not None else quant.quantize_apply(marked)
+    return QatModel(qat, left_float)
+
+
+def _foldable_batchnorm(layer, annotated: set[str]) -> bool:
+    import tensorflow as tf
+    import tf_keras as keras
+
+    if not isinstance(layer, keras.layers.BatchNormalization) or len(layer.inbound_nodes) != 1:
+        return False
+    parents = tf.nest.flatten(layer.inbound_nodes[0].inbound_layers)
+    if len(parents) != 1 or parents[0].name not in annotated:
+        return False
+    parent = parents[0]
+    linear = getattr(parent, "activation", None) is keras.activations.linear
+    return type(parent).__name__ in BN_PARENTS and linear and len(parent.outbound_nodes) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pruning
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Polynomial decay from 0 to `target` sparsity over `end_step` steps, a mask update every `frequency`."""
+
+    target: float
+    end_step: int
+    frequency: int
+
+    @classmethod
+    def for_training(cls, target: float, steps_per_epoch: int, epochs: int) -> "PruningPlan":
+        """Reach the target after ~3/4 of the fine-tuning steps; the last quarter recovers accuracy."""
+        total = max(1, steps_per_epoch * epochs)
+        frequency = max(1, min(100, total // 20))
+        end_step = max(frequency, (int(total * 0.75) // frequency) * frequency)
+        return cls(target, end_step, frequency)
+
+
+def prune(flat_model, plan: PruningPlan):
+    """Wrap every Conv2D and Dense with `prune_low_magnitude` (train with UpdatePruningStep)."""
+    import tf_keras as keras
+    import tensorflow_model_optimization as tfmot
+
+    sparsity = tfmot.sparsity.keras
+    schedule = sparsity.PolynomialDecay(initial_sparsity=0.0, final_sparsity=plan.target, begin_step=0,
+                                        end_step=plan.end_step, frequency=plan.frequency)
+
+    def wrap(layer):
+        return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule) if _prunable(layer) else layer
+
+    # The wrappers train the layers they wrap, so wrap a copy: `flat_model` keeps its dense weights.
+    copy = keras.models.clone_model(flat_model)
+    copy.set_weights(flat_model.get_weights())
+    return keras.models.clone_model(copy, clone_function=wrap)
+
+
+def _prunable(layer) -> bool:
+    return type(layer).__name__ in PRUNED_TYPES
+
+
+def strip_pruning(model):
+    """The pruned model without its pruning wrappers (zeros stay in the kernels)."""
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot.sparsity.keras.strip_pruning(model)
+
+
+def sparsity_report(model, target: float | None = None) -> dict:
+    """Fraction of zero weights per pruned kernel, overall across them, and across all weights."""
+    layers, zeros, total = {}, 0, 0
+    for layer in model.layers:
+        if not _prunable(layer):
+            continue
+        kernel = np.asarray(layer.weights[0])
+        n0 = int(np.sum(kernel == 0))
+        layers[layer.name] = round(n0 / kernel.size, 4)
+        zeros, total = zeros + n0, total + kernel.size
+    all_zero = sum(int(np.sum(np.asarray(w) == 0)) for w in model.weights)
+    all_total = sum(int(np.prod(w.shape)) for w in model.weights)
+    return {"target": target, "overall": round(zeros / max(total, 1), 4),
+            "all_weights": round(all_zero / max(all_total, 1), 4), "layers": layers}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def finetune(model, train_ds, val_ds, epochs: int, learning_rate: float, callbacks=(), verbose: int = 2) -> dict:
+    """Compile with Adam + sparse categorical cross-entropy (integer labels) and fit; returns the history."""
+    import tf_keras as keras
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    if epochs == 0:
+        return {}
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=list(callbacks),
+                        verbose=verbose)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
