@@ -63,6 +63,10 @@ def cli():
       validate  Keras vs TFLite vs ONNX Runtime: accuracy, agreement, latency, gates -> <run>/validation/
       run       all three in one go, resuming finished stages (the main job)
     \b
+    Techniques:
+      features  pooled activations of backbone layers; logistic-regression probe per layer
+      shift     simulated domain-shifted copy of a dataset (for adapt.target_data / DANN)
+    \b
     Shipping and devices:
       embed     C header of a .tflite for microcontrollers; show a model's metadata
       bench     TensorFlow-free latency/accuracy runner, locally, on a run, or over SSH
@@ -195,6 +199,90 @@ def run_cmd(recipe: Path, data_dir, out_root: Path, overrides, run_dir):
     echo(f"run directory: {result.run_dir}")
     if not result.passed:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New folder for the shifted copy (must not exist or be empty).")
+@click.option("--kind", required=True, type=click.Choice(["blur", "grayscale", "color", "noise", "jpeg"]),
+              help="The simulated change of camera/sensor/path.")
+@click.option("--strength", type=float, help="Kind-specific strength (default per kind; see the table in --help).")
+@click.option("--seed", default=0, show_default=True, help="Seed for the noise kind.")
+@JSON_OUT
+@friendly_errors
+def shift(data_dir: Path, out_dir: Path, kind, strength, seed, json_out):
+    """Write a shifted copy of DATA_DIR to try domain adaptation (a simulation, not real target data).
+
+    \b
+    Kinds and default strengths:
+      blur 1.5       Gaussian radius, % of the shorter side
+      grayscale 1.0  mix towards luma, kept as RGB
+      color 0.3      white-balance cast (red x(1+s), blue x(1-s))
+      noise 25       pixel noise sigma on 0-255
+      jpeg 8         JPEG quality of one lossy round trip
+    \b
+    Example:
+      edgetl shift ../shared/data/flowers5 --out data/flowers5_gray --kind grayscale
+      then set adapt.target_data: data/flowers5_gray/train (unlabeled) in a recipe
+    """
+    from edgetl.shift import shift_dataset
+
+    summary = shift_dataset(data_dir, out_dir, kind, seed=seed, strength=strength)
+    echo(f"{summary['images']} images shifted ({kind}, strength {summary['strength']:g}) -> {out_dir}"
+         + (f"; {len(summary['skipped'])} unreadable files left out" if summary["skipped"] else ""))
+    echo(f"see {out_dir / 'SHIFT.md'}: a simulation of a domain shift, not a substitute for real target images")
+    write_json(json_out, summary)
+
+
+@cli.command()
+@RUN_DIR
+@click.option("--list-layers", is_flag=True, help="List the backbone's layer names and output shapes.")
+@click.option("--layer", "layers", multiple=True, help="Backbone layer to pool (repeatable; default: the "
+                                                      "registry's feature layers).")
+@DATA
+@click.option("--split", type=click.Choice(["all", "train", "test"]), default="all", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), help="Write features to this .npz.")
+@click.option("--classifier", type=click.Choice(["logistic"]), help="Probe each layer with a logistic regression.")
+@JSON_OUT
+@friendly_errors
+def features(run_dir: Path, list_layers, layers, data_dir, split, out_path, classifier, json_out):
+    """Pooled activations of named backbone layers, and a quick transferability probe.
+
+    \b
+    Examples:
+      edgetl features models/flowers/run-1a2b --list-layers
+      edgetl features models/flowers/run-1a2b --layer block_6_expand_relu --layer out_relu --out feats.npz
+      edgetl features models/flowers/run-1a2b --classifier logistic      # probe table, default layers
+    """
+    from edgetl import features as feats
+
+    if list_layers:
+        defaults = set(feats.default_layers(run_dir))
+        rows = feats.list_layers(run_dir)
+        for name, shape in rows:
+            echo(f"{'*' if name in defaults else ' '} {name:<40} {shape}")
+        echo("(* = default probe layers)")
+        write_json(json_out, [{"name": n, "shape": list(s), "default": n in defaults} for n, s in rows])
+        return
+    if out_path is None and classifier is None:
+        raise click.UsageError("give --out FILE.npz, --classifier logistic, or --list-layers")
+    if classifier and split != "all":
+        raise click.UsageError("--classifier needs both splits: use --split all")
+    chosen = list(layers) or feats.default_layers(run_dir)
+    extracted = feats.extract_features(run_dir, chosen, data_dir=data_dir, split=split)
+    result = {"layers": chosen}
+    if out_path:
+        feats.save_features(extracted, out_path)
+        echo(f"features of {len(chosen)} layer(s) written to {out_path}")
+        result["out"] = str(out_path)
+    if classifier:
+        rows = feats.probe(extracted)
+        echo(f"{'layer':<32} {'dim':>5} {'train top-1':>11} {'test top-1':>10}")
+        for r in rows:
+            echo(f"{r['layer']:<32} {r['dim']:>5} {r['train_top1']:>11.1%} {r['test_top1']:>10.1%}")
+        result["probe"] = rows
+    write_json(json_out, result)
 
 
 @cli.group()

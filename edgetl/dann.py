@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from edgetl.data import DatasetError, Sample, Skipped, _check_image, _scan, load_splits, make_dataset
+from edgetl.data import DatasetError, Sample, Skipped, check_image, load_splits, scan_class_folders, make_dataset
 from edgetl.distribute import describe
 from edgetl.edge.images import is_image_file
 from edgetl.metrics import classification_metrics
@@ -195,7 +195,7 @@ def target_samples(folder: str | os.PathLike) -> tuple[list[Sample], list[Skippe
                            f"the deployment camera (searched recursively)")
     paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image_file(p))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        errors = list(pool.map(_check_image, paths))
+        errors = list(pool.map(check_image, paths))
     good = [Sample(p, 0) for p, err in zip(paths, errors) if err is None]
     if not good:
         raise DatasetError(f"adapt.target_data: no readable images under {root} "
@@ -273,7 +273,7 @@ def train_dann(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None,
         root = Path(cfg.target_test).expanduser()
         if not root.is_dir():
             raise DatasetError(f"adapt.target_test: {root} is not a folder of class folders")
-        target_test, test_skipped = _scan(root, splits.class_names, strict_classes=True)
+        target_test, test_skipped = scan_class_folders(root, splits.class_names, strict_classes=True)
         if not target_test:
             raise DatasetError(f"adapt.target_test: no readable images in class folders of {root} "
                                f"(classes: {', '.join(splits.class_names)})")

@@ -145,17 +145,17 @@ def load_splits(recipe, data_dir: str | os.PathLike | None = None) -> DatasetSpl
     rng = np.random.default_rng(recipe.seed)
     if (root / "train").is_dir() and (root / "test").is_dir():
         class_names = _class_dirs(root / "train")
-        train, skipped = _scan(root / "train", class_names)
-        test, skipped_test = _scan(root / "test", class_names, strict_classes=True)
+        train, skipped = scan_class_folders(root / "train", class_names)
+        test, skipped_test = scan_class_folders(root / "test", class_names, strict_classes=True)
         skipped += skipped_test
         if (root / "val").is_dir():
-            val, skipped_val = _scan(root / "val", class_names, strict_classes=True)
+            val, skipped_val = scan_class_folders(root / "val", class_names, strict_classes=True)
             skipped += skipped_val
         else:
             train, val = stratified_split(train, cfg.val_split, rng)
     else:
         class_names = _class_dirs(root)
-        samples, skipped = _scan(root, class_names)
+        samples, skipped = scan_class_folders(root, class_names)
         rest, test = stratified_split(samples, cfg.test_split, rng)
         train, val = stratified_split(rest, cfg.val_split, rng)
     if cfg.max_per_class:
@@ -177,7 +177,7 @@ def _class_dirs(folder: Path) -> list[str]:
     return names
 
 
-def _scan(folder: Path, class_names: list[str], strict_classes: bool = False):
+def scan_class_folders(folder: Path, class_names: list[str], strict_classes: bool = False):
     """List the images under folder/<class>/ (recursively), decoding each once to find bad files."""
     present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     extra = [c for c in present if c not in class_names]
@@ -197,13 +197,13 @@ def _scan(folder: Path, class_names: list[str], strict_classes: bool = False):
             else:
                 skipped.append(Skipped(str(path), "not an image file (expected .jpg .jpeg .png .bmp .gif)"))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        errors = list(pool.map(_check_image, [s.path for s in candidates]))
+        errors = list(pool.map(check_image, [s.path for s in candidates]))
     good = [s for s, err in zip(candidates, errors) if err is None]
     skipped += [Skipped(s.path, err) for s, err in zip(candidates, errors) if err is not None]
     return good, skipped
 
 
-def _check_image(path: str) -> str | None:
+def check_image(path: str) -> str | None:
     try:
         load_rgb(path)
     except ImageError as exc:

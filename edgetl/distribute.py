@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -38,15 +39,15 @@ def read_tf_config(environ=os.environ) -> dict:
     except json.JSONDecodeError as exc:
         raise DistributeError(f"TF_CONFIG is not valid JSON ({exc}). {hint}") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
-    task = config.get("task") if isinstance(config, dict) else None
+    me = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not cluster or not all(
             isinstance(v, list) and v and all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
         raise DistributeError(f"TF_CONFIG: 'cluster' must map job names to lists of 'host:port' addresses, "
                               f"got {cluster!r}. {hint}")
-    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
-            or not 0 <= task["index"] < len(cluster[task["type"]]):
+    if not isinstance(me, dict) or me.get("type") not in cluster or not isinstance(me.get("index"), int) \
+            or not 0 <= me["index"] < len(cluster[me["type"]]):
         raise DistributeError(f"TF_CONFIG: 'task' must be {{\"type\": one of {sorted(cluster)}, \"index\": a "
-                              f"position in that job's address list}}, got {task!r}. {hint}")
+                              f"position in that job's address list}}, got {me!r}. {hint}")
     return config
 
 
@@ -98,15 +99,31 @@ def replicas(strategy) -> int:
     return int(strategy.num_replicas_in_sync)
 
 
-def is_chief(strategy) -> bool:
-    """True unless this is a non-chief worker of a multi-worker cluster (only the chief writes the run)."""
+def task(strategy) -> tuple[str, int] | None:
+    """(task type, index) of this process in a multi-worker cluster, e.g. ("worker", 1); None outside one."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
+        return None
+    return resolver.task_type, int(resolver.task_id)
+
+
+def is_chief(strategy) -> bool:
+    """True unless this is a non-chief worker of a multi-worker cluster (only the chief writes the run)."""
+    me = task(strategy)
+    if me is None or me[0] == "chief":
         return True
-    if resolver.task_type == "chief":
-        return True
-    return (resolver.task_type == "worker" and resolver.task_id == 0
-            and "chief" not in resolver.cluster_spec().as_dict())
+    return me == ("worker", 0) and "chief" not in strategy.cluster_resolver.cluster_spec().as_dict()
+
+
+def worker_cache_dir(strategy) -> Path | None:
+    """This worker's own tf.data disk-cache folder in a multi-worker cluster (workers may share a disk:
+    one host, an NFS home), else None for the default folder."""
+    me = task(strategy)
+    if me is None:
+        return None
+    from edgetl.data import cache_root
+
+    return cache_root() / "tfdata" / f"{me[0]}-{me[1]}"
 
 
 def describe(strategy) -> dict:

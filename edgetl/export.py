@@ -154,18 +154,23 @@ class Sources:
         self.labels = run.labels()
         self.size = image_size_for(self.recipe)
         self.preparation: dict = {}
-        self.prep_seconds = 0.0
+        self.prep_seconds = 0.0  # time spent building shared inputs (outermost builds only)
         self._cache: dict = {}
+        self._depth = 0
 
     def _shared(self, key: str, build: Callable):
         """Build a shared input once; a failure is remembered and re-raised for every variant needing it."""
         if key not in self._cache:
             t0 = time.perf_counter()
+            self._depth += 1
             try:
                 self._cache[key] = (build(), None)
             except Exception as exc:  # noqa: BLE001 - recorded per variant by the caller
                 self._cache[key] = (None, exc)
-            self.prep_seconds += time.perf_counter() - t0
+            finally:
+                self._depth -= 1
+            if self._depth == 0:
+                self.prep_seconds += time.perf_counter() - t0
         value, error = self._cache[key]
         if error is not None:
             raise error
@@ -234,18 +239,20 @@ class Sources:
         return self._shared("qat", self._qat)
 
     def _qat(self):
-        from edgetl.optimize import finetune, quantize_aware
+        from edgetl.optimize import calibrate_quantizers, finetune, quantize_aware
 
         cfg = self.recipe.export.qat
         flat = self.flat()
         t0 = time.perf_counter()
         qat = quantize_aware(flat)
+        ranges = calibrate_quantizers(qat.model, flat, self.calibration())
         train, val, _ = self.finetune_data()
         self.echo(f"quantization-aware training: {cfg.epochs} epochs at lr {cfg.learning_rate:g}; "
                   f"{len(qat.layers_left_float)} layers left float")
         history = finetune(qat.model, train, val, cfg.epochs, cfg.learning_rate)
         self.preparation["qat"] = {"epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
-                                   "layers_left_float": qat.layers_left_float, "history": history,
+                                   "layers_left_float": qat.layers_left_float, "calibrated_ranges": ranges,
+                                   "history": history,
                                    "seconds": round(time.perf_counter() - t0, 2)}
         return qat
 
@@ -464,9 +471,10 @@ def _require_int8_weights(proto) -> None:
                    if node.input[0] in {init.name for init in proto.graph.initializer}}
     weighted = [node for node in proto.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
     if not any(len(node.input) > 1 and node.input[1] in dequantized for node in weighted):
-        raise NotSupported("tf2onnx folds the QAT model's weight fake-quantization into float weights, so the "
-                           "ONNX graph would carry float weights with activation QDQ only; use onnx int8 "
-                           "(static QDQ) or tflite qat_int8")
+        raise NotSupported("tf2onnx has no converter for the QAT model's per-channel weight fake-quantization "
+                           "(FakeQuantWithMinMaxVarsPerChannel) and folds it into float weights, so the ONNX "
+                           "graph would hold float weights with activation QDQ only, not an int8 model; use "
+                           "onnx int8 (static QDQ) or tflite qat_int8")
 
 
 def _set_onnx_metadata(proto, sources: Sources, variant: str) -> None:
@@ -523,6 +531,9 @@ def export_run(run_dir, tflite: list[str] | None = None, onnx: list[str] | None 
     recipe = run.load_recipe()
     tflite, onnx = check_variants(recipe.export.tflite if tflite is None else tflite,
                                   recipe.export.onnx if onnx is None else onnx)
+    if not tflite and not onnx:
+        raise ExportError(f"{run.recipe_path}: no variants to export; list them under export.tflite / export.onnx "
+                          f"or pass --formats (e.g. --formats tflite:int8)")
     sources = Sources(run, echo)
     out_dir = run.exports_dir
     atomic_write_text(out_dir / "labels.txt", "\n".join(sources.labels) + "\n")

@@ -4,7 +4,7 @@ A transfer model nests its backbone as a Model inside the classifier, which tens
 refuses to quantize or prune, so `flatten_model` first rebuilds it as one functional graph with copied
 weights (and `check_same_outputs` proves it computes the same thing). `quantize_aware` annotates every
 layer the default 8-bit scheme supports and leaves the rest (preprocessing, hard-swish, ...) in float;
-`prune` wraps the Conv/Depthwise/Dense kernels with a polynomial-decay magnitude-pruning schedule.
+`prune` wraps the Conv2D/Dense kernels with a polynomial-decay magnitude-pruning schedule.
 Nothing here converts to a file format; `edgetl.export` does that.
 """
 from __future__ import annotations
@@ -31,9 +31,10 @@ class OptimizeError(RuntimeError):
 def flatten_model(model):
     """Rebuild a functional model with nested functional models inlined; fresh layers, identical weights.
 
-    A frozen backbone is called with `training=False`, which only keeps its BatchNorm in inference
-    mode; the flat graph drops that argument (so fake-quant observers still see training batches) and
-    `freeze_batchnorm` keeps BatchNorm in inference mode instead.
+    A frozen backbone is called with `training=False` to keep its BatchNorm in inference mode. The flat
+    graph drops that argument, so fake-quant observers still see training batches during QAT, and
+    `freeze_batchnorm` keeps BatchNorm in inference mode instead (a Keras 2 BatchNorm with
+    trainable=False always normalizes with its moving statistics).
     """
     import tensorflow as tf
     import tf_keras as keras
@@ -141,6 +142,57 @@ def quantize_aware(flat_model, scheme=None) -> QatModel:
     with quant.quantize_scope():
         qat = quant.quantize_apply(marked, scheme) if scheme is not None else quant.quantize_apply(marked)
     return QatModel(qat, left_float)
+
+
+_RANGE_KINDS = ("output", "post_activation", "pre_activation")  # tfmot's activation quantizer variables
+
+
+def calibrate_quantizers(qat_model, flat_model, images: np.ndarray, batch_size: int = 8) -> int:
+    """Start every activation quantizer at the range the float model shows on `images`; returns how many.
+
+    tfmot starts activation ranges at [-6, 6] and moves them by an EMA with decay 0.999, so a
+    fine-tune of a few dozen steps would keep ranges that waste half the int8 codes of a ReLU6 output
+    and clip wider ones. Starting from observed min/max (as post-training calibration does) lets a
+    short QAT fine-tune adjust ranges that are already right.
+    """
+    import tf_keras as keras
+
+    targets = []  # (flat layer name, kind, min variable, max variable)
+    for layer in qat_model.layers:
+        inner = getattr(layer, "layer", None)
+        if inner is None:
+            continue
+        found = {v.name.rsplit("/", 1)[-1].split(":")[0]: v for v in layer.non_trainable_weights}
+        targets += [(inner.name, kind, found[f"{kind}_min"], found[f"{kind}_max"]) for kind in _RANGE_KINDS
+                    if f"{kind}_min" in found and f"{kind}_max" in found]
+    if not targets:
+        return 0
+    probes = {(name, kind): flat_model.get_layer(name).input if kind == "pre_activation"
+              else flat_model.get_layer(name).output for name, kind, _, _ in targets}
+    probe = keras.Model(flat_model.inputs, list(probes.values()))
+    linear = {name: _linear_copy(flat_model.get_layer(name)) for name, kind, _, _ in targets if kind == "pre_activation"}
+    lo = {key: np.inf for key in probes}
+    hi = {key: -np.inf for key in probes}
+    for start in range(0, len(images), batch_size):
+        values = probe(images[start:start + batch_size], training=False)
+        for (name, kind), value in zip(probes, values if isinstance(values, list) else [values]):
+            value = np.asarray(linear[name](value) if kind == "pre_activation" else value)
+            lo[(name, kind)] = min(lo[(name, kind)], float(value.min()))
+            hi[(name, kind)] = max(hi[(name, kind)], float(value.max()))
+    for name, kind, min_var, max_var in targets:
+        min_var.assign(min(lo[(name, kind)], 0.0))
+        max_var.assign(max(hi[(name, kind)], 0.0))
+    return len(targets)
+
+
+def _linear_copy(layer):
+    """`layer` with a linear activation and the same weights: its pre-activation output."""
+    config = layer.get_config()
+    config["activation"] = "linear"
+    copy = layer.__class__.from_config(config)
+    copy.build(layer.input_shape)
+    copy.set_weights(layer.get_weights())
+    return copy
 
 
 def _foldable_batchnorm(layer, annotated: set[str]) -> bool:

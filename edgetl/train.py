@@ -22,7 +22,8 @@ import numpy as np
 from edgetl import __version__
 from edgetl.edge.runtime import peak_rss_mb
 from edgetl.data import DatasetSplits, load_splits, make_dataset
-from edgetl.distribute import describe, is_chief, make_strategy, mixed_precision, replicas, scaled_learning_rate
+from edgetl.distribute import (describe, is_chief, make_strategy, mixed_precision, replicas, scaled_learning_rate,
+                               worker_cache_dir)
 from edgetl.metrics import classification_metrics
 from edgetl.recipe import Recipe
 from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text
@@ -107,7 +108,8 @@ class Trainer:
         import tensorflow as tf
 
         self.recipe, self.splits, self.echo = recipe, splits, echo
-        self.replicas = replicas(tf.distribute.get_strategy())
+        strategy = tf.distribute.get_strategy()
+        self.replicas = replicas(strategy)
         self.size = image_size_for(recipe)
         self.clf = self._build_classifier(recipe.model.weights)
         if self.clf.warning:
@@ -116,7 +118,8 @@ class Trainer:
         self.bn_calibrated = 0
         if self.clf.weights_source.startswith("random"):
             self.bn_calibrated = self._calibrate_random_backbone()
-        common = dict(image_size=self.size, resize=d.resize, batch_size=d.batch_size, cache=d.cache)
+        common = dict(image_size=self.size, resize=d.resize, batch_size=d.batch_size, cache=d.cache,
+                      cache_dir=worker_cache_dir(strategy))
         n = splits.num_classes
         self.train_ds = _one_hot(make_dataset(splits.train, shuffle=True, seed=recipe.seed, augment=recipe.augment,
                                               **common), n)

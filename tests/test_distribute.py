@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_recipe_dict
 from distribute_support import use_tiny_backbone
 from edgetl.distribute import (DistributeError, describe, is_chief, make_strategy, mixed_precision, read_tf_config,
-                               replicas, scaled_learning_rate)
+                               replicas, scaled_learning_rate, worker_cache_dir)
 from edgetl.recipe import DistributeConfig, recipe_from_dict
 
 TESTS = Path(__file__).resolve().parent
@@ -27,7 +27,8 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
 # no augmentation: a distributed run then takes exactly the single-device steps, up to float summation order.
 # No validation split: it would only add per-replica tracing time.
 DIST_RECIPE = {"data": {"batch_size": 64, "val_split": 0.0},
-               "train": {"stage1": {"epochs": 3, "learning_rate": 0.01}, "stage2": {"epochs": 2, "learning_rate": 1e-3}}}
+               "train": {"stage1": {"epochs": 3, "learning_rate": 0.01},
+                         "stage2": {"epochs": 2, "learning_rate": 1e-3}}}
 
 
 def cfg(**kw) -> DistributeConfig:
@@ -40,6 +41,7 @@ def test_none_and_auto_on_a_cpu_machine_use_the_default_strategy():
     for choice in ("none", "auto"):
         strategy = make_strategy(cfg(strategy=choice))
         assert strategy is tf.distribute.get_strategy() and replicas(strategy) == 1 and is_chief(strategy)
+        assert worker_cache_dir(strategy) is None  # the default tf.data cache folder
         assert describe(strategy) == {"strategy": "default", "replicas": 1, "devices": ["/device:CPU:0"]}
 
 
@@ -49,6 +51,7 @@ def test_auto_mirrors_when_more_than_one_gpu_is_visible(monkeypatch):
     monkeypatch.setattr("edgetl.distribute.gpu_count", lambda: 2)
     strategy = make_strategy(cfg(strategy="auto", devices=["/cpu:0"]))  # devices narrowed to what exists here
     assert isinstance(strategy, tf.distribute.MirroredStrategy) and replicas(strategy) == 1
+    assert describe(strategy)["strategy"] == "MirroredStrategy"
 
 
 def test_mirrored_rejects_devices_that_do_not_exist():
@@ -110,14 +113,27 @@ def test_mixed_precision_training_saves_a_float32_model(tiny_data, tmp_path, mon
     import tf_keras as keras
 
     from edgetl.rundir import RunDir
-    from edgetl.train import train
+    from edgetl.train import Trainer, train
 
     monkeypatch.setattr("edgetl.distribute.gpu_count", lambda: 1)
     use_tiny_backbone(monkeypatch)
+    seen, convert = {}, Trainer.to_float32
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+
+    def spy(trainer):  # the trained model before and after its float32 copy
+        seen["compute"] = trainer.clf.backbone.get_layer("conv").compute_dtype
+        seen["output"] = trainer.clf.model.output.dtype.name
+        seen["mixed_probs"] = trainer.clf.model(images, training=False).numpy()
+        convert(trainer)
+        seen["float32_probs"] = trainer.clf.model(images, training=False).numpy()
+
+    monkeypatch.setattr(Trainer, "to_float32", spy)
     raw = tiny_recipe_dict(tiny_data, distribute={"mixed_precision": True}, data={"val_split": 0.0},
                            train={"stage1": {"epochs": 4, "learning_rate": 0.05}, "stage2": {"epochs": 1}})
     result = train(recipe_from_dict(raw), run_dir=tmp_path / "run", echo=lambda *_: None)
     assert keras.mixed_precision.global_policy().name == "float32"
+    assert seen["compute"] == "float16" and seen["output"] == "float32"  # trained in float16, float32 head
+    np.testing.assert_allclose(seen["mixed_probs"], seen["float32_probs"], atol=1e-2)  # same weights, float16 noise
     run = RunDir(result.run_dir)
     manifest = json.loads(run.manifest_path.read_text())
     assert manifest["distribute"]["mixed_precision"] is True
@@ -156,7 +172,8 @@ def test_mirrored_on_two_logical_cpus_matches_single_device(tiny_data, tmp_path,
 
     raw = tiny_recipe_dict(tiny_data, **DIST_RECIPE)
     mirrored_raw = {**raw, "distribute": {"strategy": "mirrored", "devices": ["/cpu:0", "/cpu:1"]}}
-    proc = subprocess.Popen([sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(mirrored_raw), str(tmp_path / "mirrored")],
+    proc = subprocess.Popen([sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(mirrored_raw),
+                             str(tmp_path / "mirrored")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
     try:  # the single-device baseline trains here, on the second core, meanwhile
         use_tiny_backbone(monkeypatch)
@@ -219,7 +236,8 @@ def _run_workers(raw: dict, out_root: Path, cwd: Path) -> list[tuple[int, str, s
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     procs = []
     for index in range(2):
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        env = {**ENV, "EDGETL_CACHE": str(cwd / "cache"),
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         procs.append(subprocess.Popen([sys.executable, "-u", "-c", WORKER_SCRIPT, json.dumps(raw), str(out_root)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd))
     results = []
@@ -240,7 +258,8 @@ def _run_workers(raw: dict, out_root: Path, cwd: Path) -> list[tuple[int, str, s
 
 
 def test_multi_worker_two_local_workers_train_and_only_the_chief_writes(tiny_data, tmp_path):
-    raw = tiny_recipe_dict(tiny_data, distribute={"strategy": "multi_worker"}, data={"val_split": 0.0},
+    """Disk cache on: two workers on one disk must not share tf.data cache files (each gets its own)."""
+    raw = tiny_recipe_dict(tiny_data, distribute={"strategy": "multi_worker"}, data={"val_split": 0.0, "cache": "disk"},
                            train={"stage1": {"epochs": 1}, "stage2": {"epochs": 1}})
     out_root = tmp_path / "models"
     results = _run_workers(raw, out_root, tmp_path)
@@ -258,3 +277,6 @@ def test_multi_worker_two_local_workers_train_and_only_the_chief_writes(tiny_dat
     history = json.loads((runs[0] / "history.json").read_text())
     assert len(history["stage1"]["loss"]) == 1 and len(history["stage2"]["loss"]) == 1
     assert (runs[0] / "model.keras").is_file()
+    caches = tmp_path / "cache" / "tfdata"
+    assert sorted(p.name for p in caches.iterdir()) == ["worker-0", "worker-1"]
+    assert all(list(p.glob("cache-*.index")) for p in caches.iterdir())

@@ -203,6 +203,7 @@ def test_qat_flattens_the_nested_model_and_reports_float_layers(exported):
     prep = result.manifest["preparation"]
     assert prep["flatten"]["max_abs_diff"] <= 1e-5
     assert prep["qat"]["layers_left_float"] == ["preprocess"]
+    assert prep["qat"]["calibrated_ranges"] == 7  # 3 ReLU6, projection BN, Add, pool, logits
     assert artifacts(result)["tflite-qat_int8"]["layers_left_float"] == ["preprocess"]
 
 
@@ -231,6 +232,10 @@ def test_unknown_variant_is_refused_before_any_work(run_dir, tmp_path):
     run = fresh_copy(run_dir, tmp_path)
     with pytest.raises(ex.ExportError, match="valid tflite variants: fp32, fp16, dynamic, int8, qat_int8, pruned_int8"):
         ex.export_run(run, tflite=["int8", "int4"], onnx=[])
+    with pytest.raises(ex.ExportError, match="valid onnx variants: fp32, int8, qat_int8"):
+        ex.export_run(run, tflite=["int8"], onnx=["fp16"])
+    with pytest.raises(ex.ExportError, match="no variants to export"):
+        ex.export_run(run, tflite=[], onnx=[])
     assert not (run / "exports").exists()
 
 

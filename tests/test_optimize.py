@@ -1,0 +1,57 @@
+"""Model preparation helpers: the pruning schedule, the flattening check and quantizer range calibration."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgetl  # noqa: F401 - configures TensorFlow before it is imported
+from edgetl import optimize as opt
+
+
+def tiny(seed: int, nested: bool = False):
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((8, 8, 3), name="image")
+    if nested:
+        inner_in = keras.Input((8, 8, 3))
+        inner = keras.Model(inner_in, keras.layers.Conv2D(4, 3, name="conv")(inner_in), name="inner")
+        x = inner(image, training=False)
+    else:
+        x = keras.layers.Conv2D(4, 3, name="conv")(image)
+    x = keras.layers.ReLU(6.0, name="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(image, keras.layers.Dense(2, activation="softmax", name="predictions")(x))
+
+
+def test_pruning_plan_reaches_the_target_on_a_mask_update_step():
+    plan = opt.PruningPlan.for_training(0.5, steps_per_epoch=13, epochs=2)
+    assert plan.end_step % plan.frequency == 0 and plan.end_step <= 26 * 0.75
+    short = opt.PruningPlan.for_training(0.75, steps_per_epoch=1, epochs=1)
+    assert (short.end_step, short.frequency) == (1, 1)
+    long = opt.PruningPlan.for_training(0.5, steps_per_epoch=1000, epochs=10)
+    assert long.frequency == 100 and long.end_step == 7500
+
+
+def test_check_same_outputs_refuses_a_different_model():
+    images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    nested = tiny(0, nested=True)
+    flat = opt.flatten_model(nested)
+    assert [layer.name for layer in flat.layers] == ["image", "conv", "relu", "pool", "predictions"]
+    assert opt.check_same_outputs(nested, flat, images) == 0.0
+    with pytest.raises(opt.OptimizeError, match="differs"):
+        opt.check_same_outputs(nested, tiny(1), images)
+
+
+def test_calibrate_quantizers_starts_ranges_at_the_observed_values():
+    import tf_keras as keras
+
+    model = tiny(0)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+    qat = opt.quantize_aware(model)
+    assert qat.layers_left_float == []
+    assert opt.calibrate_quantizers(qat.model, model, images) == 3  # relu, pool, logits
+    relu = qat.model.get_layer("quant_relu")
+    ranges = {w.name.rsplit("/", 1)[-1].split(":")[0]: float(w.numpy()) for w in relu.non_trainable_weights}
+    observed = keras.Model(model.inputs, model.get_layer("relu").output)(images).numpy()
+    assert ranges["output_min"] == 0.0 and ranges["output_max"] == pytest.approx(observed.max(), rel=1e-5)
