@@ -97,6 +97,9 @@ def train(recipe: Path, data_dir, out_root: Path, overrides):
 
     rec = load_recipe(recipe, overrides)
     result = run_training(rec, data_dir=data_dir, out_root=out_root, echo=echo)
+    if not result.chief:
+        echo("worker finished; the chief (worker 0) wrote the run directory")
+        return
     m = result.metrics
     echo("")
     echo(f"test top-1 {m['test']['top1']:.2%}  top-5 {m['test']['top5']:.2%}  ({m['test']['n']} images)")

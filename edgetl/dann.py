@@ -28,7 +28,7 @@ from edgetl.edge.images import is_image_file
 from edgetl.metrics import classification_metrics
 from edgetl.recipe import Recipe
 from edgetl.rundir import RunDir
-from edgetl.train import Trainer, TrainResult, _write_run, class_weights, new_run_dir
+from edgetl.train import Trainer, TrainResult, write_run, class_weights, new_run_dir
 
 
 def reverse_gradient(x, coefficient):
@@ -311,7 +311,7 @@ def train_dann(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None,
     if trainer.clf.warning:
         metrics["warning"] = trainer.clf.warning
     distribute = {**describe(tf.distribute.get_strategy()), "lr_scaling": "none", "mixed_precision": False}
-    _write_run(run, recipe, splits, trainer, metrics, distribute, time.perf_counter() - t_start)
+    write_run(run, recipe, splits, trainer, metrics, distribute, time.perf_counter() - t_start)
     if target_test:
         from edgetl.plots import plot_confusion_matrix
 

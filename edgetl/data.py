@@ -23,6 +23,7 @@ BUILTIN_DATASETS = {
     "tf_flowers": "TensorFlow flower_photos: 3,670 photos, 5 classes, downloaded once into the Keras cache "
                   "(~/.keras/datasets).",
 }
+DISK_SHUFFLE_BUFFER = 1024  # decoded images held for shuffling when the cache is on disk
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 
 
@@ -284,6 +285,8 @@ def make_dataset(samples: list[Sample], image_size: int, resize: str = "plain", 
         return img, label
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    if shuffle and cache == "none":  # shuffle file names, not decoded images: memory stays flat
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache == "memory":
         ds = ds.cache()
@@ -292,8 +295,9 @@ def make_dataset(samples: list[Sample], image_size: int, resize: str = "plain", 
         folder.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256("\n".join(paths).encode() + f"{image_size}{resize}".encode()).hexdigest()[:16]
         ds = ds.cache(str(folder / f"cache-{key}"))
-    if shuffle:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    if shuffle and cache != "none":  # the disk cache fixes the order, so shuffle after it, in a bounded buffer
+        buffer = len(paths) if cache == "memory" else min(len(paths), DISK_SHUFFLE_BUFFER)
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None and augment.enabled:

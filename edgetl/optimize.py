@@ -115,12 +115,12 @@ class QatModel:
     layers_left_float: list[str]
 
 
-def quantize_aware(flat_model, scheme=None) -> QatModel:
+def quantize_aware(flat_model) -> QatModel:
     """Annotate what tfmot's default 8-bit registry supports, leave the rest float, apply QAT wrappers.
 
     BatchNorm has no quantize config of its own; it is annotated when it directly follows a linear
-    Conv2D/DepthwiseConv2D/Dense, the patterns tfmot's layout transforms fold. `scheme` defaults to
-    the 8-bit scheme (pass the prune-preserving one to keep sparsity).
+    Conv2D/DepthwiseConv2D/Dense, the patterns tfmot's layout transforms fold. Depthwise kernels are
+    fake-quantized per channel (see `DepthwiseKernelQuantizer`).
     """
     import tf_keras as keras
     import tensorflow_model_optimization as tfmot
@@ -140,20 +140,88 @@ def quantize_aware(flat_model, scheme=None) -> QatModel:
 
     marked = keras.models.clone_model(flat_model, clone_function=annotate)
     with quant.quantize_scope():
-        qat = quant.quantize_apply(marked, scheme) if scheme is not None else quant.quantize_apply(marked)
+        qat = quant.quantize_apply(marked, _per_channel_scheme())
     return QatModel(qat, left_float)
+
+
+def _per_channel_scheme():
+    """tfmot's default 8-bit scheme, except that depthwise kernels are quantized per channel.
+
+    tfmot quantizes DepthwiseConv2D kernels per tensor, but TFLite's int8 depthwise weights are per
+    channel, and MobileNet depthwise channels differ in range by orders of magnitude: per-tensor
+    fake quantization rounds the small channels to zero and the QAT model trains towards a broken net.
+    """
+    import tf_keras as keras
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    quant = tfmot.quantization.keras
+
+    class DepthwiseKernelQuantizer(quant.quantizers.Quantizer):
+        """LastValueQuantizer per output channel of a (kh, kw, C, M) depthwise kernel."""
+
+        def __init__(self):
+            self._inner = quant.quantizers.LastValueQuantizer(num_bits=8, per_axis=True, symmetric=True,
+                                                              narrow_range=True)
+
+        def build(self, tensor_shape, name, layer):
+            kh, kw, channels, multiplier = tensor_shape
+            return self._inner.build(tf.TensorShape([kh, kw, 1, channels * multiplier]), name, layer)
+
+        def __call__(self, inputs, training, weights, **kwargs):
+            shape = tf.shape(inputs)
+            per_output = tf.reshape(inputs, [shape[0], shape[1], 1, -1])  # output channel = c * M + m
+            return tf.reshape(self._inner(per_output, training, weights, **kwargs), shape)
+
+        def get_config(self):
+            return {}
+
+    class DepthwiseConfig(quant.QuantizeConfig):
+        """tfmot's DepthwiseConv2D config with `DepthwiseKernelQuantizer` for the kernel."""
+
+        def get_weights_and_quantizers(self, layer):
+            return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
+
+        def get_activations_and_quantizers(self, layer):
+            return [(layer.activation, quant.quantizers.MovingAverageQuantizer(
+                num_bits=8, per_axis=False, symmetric=False, narrow_range=False))]
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            layer.depthwise_kernel = quantize_weights[0]
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            layer.activation = quantize_activations[0]
+
+        def get_output_quantizers(self, layer):
+            return []
+
+        def get_config(self):
+            return {}
+
+    class Registry(quant.default_8bit.Default8BitQuantizeRegistry):
+        def get_quantize_config(self, layer):
+            if isinstance(layer, keras.layers.DepthwiseConv2D):
+                return DepthwiseConfig()
+            return super().get_quantize_config(layer)
+
+    class Scheme(quant.default_8bit.Default8BitQuantizeScheme):
+        def get_quantize_registry(self):
+            return Registry()
+
+    return Scheme()
 
 
 _RANGE_KINDS = ("output", "post_activation", "pre_activation")  # tfmot's activation quantizer variables
 
 
 def calibrate_quantizers(qat_model, flat_model, images: np.ndarray, batch_size: int = 8) -> int:
-    """Start every activation quantizer at the range the float model shows on `images`; returns how many.
+    """Start every quantizer at a range that fits: activations as observed on `images`, weights their own.
 
-    tfmot starts activation ranges at [-6, 6] and moves them by an EMA with decay 0.999, so a
-    fine-tune of a few dozen steps would keep ranges that waste half the int8 codes of a ReLU6 output
-    and clip wider ones. Starting from observed min/max (as post-training calibration does) lets a
-    short QAT fine-tune adjust ranges that are already right.
+    tfmot starts all ranges at [-6, 6]. Weight ranges are set on the first training step, activation
+    ranges follow an EMA with decay 0.999, so a fine-tune of a few dozen steps would keep ranges that
+    waste half the int8 codes of a ReLU6 output and clip wider ones. Starting from observed min/max
+    (as post-training calibration does) lets a short QAT fine-tune (or none) start from the right
+    ranges. Returns the number of activation ranges set.
     """
     import tf_keras as keras
 
@@ -179,6 +247,7 @@ def calibrate_quantizers(qat_model, flat_model, images: np.ndarray, batch_size: 
             value = np.asarray(linear[name](value) if kind == "pre_activation" else value)
             lo[(name, kind)] = min(lo[(name, kind)], float(value.min()))
             hi[(name, kind)] = max(hi[(name, kind)], float(value.max()))
+    qat_model(images[:batch_size], training=True)  # weight quantizers take their ranges from the weights
     for name, kind, min_var, max_var in targets:
         min_var.assign(min(lo[(name, kind)], 0.0))
         max_var.assign(max(hi[(name, kind)], 0.0))

@@ -256,6 +256,10 @@ def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_
     """Train both stages and write the run directory; returns its path and test metrics."""
     import tf_keras as keras
 
+    if recipe.adapt.target_data:
+        from edgetl.dann import train_dann
+
+        return train_dann(recipe, data_dir=data_dir, run_dir=run_dir, out_root=out_root, echo=echo)
     t_start = time.perf_counter()
     strategy = make_strategy(recipe.distribute, echo)  # first: multi_worker must start before TF runs anything
     keras.utils.set_random_seed(recipe.seed)
@@ -301,14 +305,14 @@ def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_
         if trainer.clf.warning:
             metrics["warning"] = trainer.clf.warning
         dist.update(lr_scaling=recipe.distribute.lr_scaling, mixed_precision=mixed)
-        _write_run(run, recipe, splits, trainer, metrics, dist, time.perf_counter() - t_start)
+        write_run(run, recipe, splits, trainer, metrics, dist, time.perf_counter() - t_start)
     finally:
         if not chief:
             shutil.rmtree(run.path, ignore_errors=True)
     return TrainResult(run.path, metrics, trainer.clf.warning, chief)
 
 
-def _write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Trainer, metrics: dict,
+def write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Trainer, metrics: dict,
                distribute: dict, wall_s: float) -> None:
     from edgetl.plots import plot_confusion_matrix, plot_training_curves
 
