@@ -8,12 +8,17 @@ export leaves a manifest that matches the files on disk (earlier entries of othe
 
 Variants. TFLite: fp32; fp16 (float16 weights); dynamic (int8 weights, float activations); int8 (full
 integer, calibrated on `export.representative_samples` training images, input/output type `export.io`);
-qat_int8 (quantization-aware fine-tuning, then full integer); pruned_int8 (magnitude pruning to
+qat_int8 (flattened model, quantizer ranges calibrated on the same images, quantization-aware
+fine-tune, then full integer; see `edgetl.optimize`); pruned_int8 (magnitude pruning to
 `export.pruning.target_sparsity`, then post-training full integer: TFLite's int8 weights are symmetric
 with zero point 0, so pruned zeros stay exactly zero and the sparsity survives without a second,
 prune-preserving QAT fine-tune). ONNX (tf2onnx, opset `export.opset`, input `image`, dynamic batch):
-fp32; int8 (onnxruntime static QDQ quantization, per-channel int8 weights, int8 activations, calibrated
-on the same images); qat_int8 (the QAT model through tf2onnx, when it yields int8 weights).
+fp32; int8 (onnxruntime static QDQ quantization after quant_pre_process, per-channel int8 weights, int8
+activations, MinMax-calibrated on the same images); qat_int8 (the QAT model through tf2onnx; recorded
+as not_supported while tf2onnx folds the per-channel weight fake-quant into float weights).
+
+Flattened, QAT and pruned Keras models are intermediate: they live in memory only (rebuilt from
+model.keras and the recipe in minutes), so exports/ holds only what ships.
 
 Integer inputs take camera bytes: the calibration set pins the input range to 0..255, so a uint8 input
 has scale 1 and zero point 0 (int8: zero point -128) and the baked-in preprocessing does the rest.
@@ -239,7 +244,7 @@ class Sources:
         return self._shared("qat", self._qat)
 
     def _qat(self):
-        from edgetl.optimize import calibrate_quantizers, finetune, quantize_aware
+        from edgetl.optimize import calibrate_quantizers, finetune, floor_weight_ranges, quantize_aware
 
         cfg = self.recipe.export.qat
         flat = self.flat()
@@ -250,8 +255,10 @@ class Sources:
         self.echo(f"quantization-aware training: {cfg.epochs} epochs at lr {cfg.learning_rate:g}; "
                   f"{len(qat.layers_left_float)} layers left float")
         history = finetune(qat.model, train, val, cfg.epochs, cfg.learning_rate)
+        widened = floor_weight_ranges(qat.model)
         self.preparation["qat"] = {"epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
                                    "layers_left_float": qat.layers_left_float, "calibrated_ranges": ranges,
+                                   "widened_weight_channels": widened,
                                    "history": history,
                                    "seconds": round(time.perf_counter() - t0, 2)}
         return qat

@@ -120,7 +120,8 @@ def quantize_aware(flat_model) -> QatModel:
 
     BatchNorm has no quantize config of its own; it is annotated when it directly follows a linear
     Conv2D/DepthwiseConv2D/Dense, the patterns tfmot's layout transforms fold. Depthwise kernels are
-    fake-quantized per channel (see `DepthwiseKernelQuantizer`).
+    fake-quantized per channel (see `_per_channel_scheme`). Start the result with `calibrate_quantizers`
+    and end its fine-tune with `floor_weight_ranges`.
     """
     import tf_keras as keras
     import tensorflow_model_optimization as tfmot
@@ -142,6 +143,20 @@ def quantize_aware(flat_model) -> QatModel:
     with quant.quantize_scope():
         qat = quant.quantize_apply(marked, _per_channel_scheme())
     return QatModel(qat, left_float)
+
+
+def _foldable_batchnorm(layer, annotated: set[str]) -> bool:
+    import tensorflow as tf
+    import tf_keras as keras
+
+    if not isinstance(layer, keras.layers.BatchNormalization) or len(layer.inbound_nodes) != 1:
+        return False
+    parents = tf.nest.flatten(layer.inbound_nodes[0].inbound_layers)
+    if len(parents) != 1 or parents[0].name not in annotated:
+        return False
+    parent = parents[0]
+    linear = getattr(parent, "activation", None) is keras.activations.linear
+    return type(parent).__name__ in BN_PARENTS and linear and len(parent.outbound_nodes) == 1
 
 
 def _per_channel_scheme():
@@ -238,7 +253,8 @@ def calibrate_quantizers(qat_model, flat_model, images: np.ndarray, batch_size: 
     probes = {(name, kind): flat_model.get_layer(name).input if kind == "pre_activation"
               else flat_model.get_layer(name).output for name, kind, _, _ in targets}
     probe = keras.Model(flat_model.inputs, list(probes.values()))
-    linear = {name: _linear_copy(flat_model.get_layer(name)) for name, kind, _, _ in targets if kind == "pre_activation"}
+    linear = {name: _linear_copy(flat_model.get_layer(name))
+              for name, kind, _, _ in targets if kind == "pre_activation"}
     lo = {key: np.inf for key in probes}
     hi = {key: -np.inf for key in probes}
     for start in range(0, len(images), batch_size):
@@ -264,18 +280,25 @@ def _linear_copy(layer):
     return copy
 
 
-def _foldable_batchnorm(layer, annotated: set[str]) -> bool:
-    import tensorflow as tf
-    import tf_keras as keras
+def floor_weight_ranges(qat_model, floor: float = 1e-3) -> int:
+    """Widen weight fake-quant ranges narrower than +-`floor`; returns how many channels were widened.
 
-    if not isinstance(layer, keras.layers.BatchNormalization) or len(layer.inbound_nodes) != 1:
-        return False
-    parents = tf.nest.flatten(layer.inbound_nodes[0].inbound_layers)
-    if len(parents) != 1 or parents[0].name not in annotated:
-        return False
-    parent = parents[0]
-    linear = getattr(parent, "activation", None) is keras.activations.linear
-    return type(parent).__name__ in BN_PARENTS and linear and len(parent.outbound_nodes) == 1
+    TFLite stores biases as int32 with scale input_scale * weight_scale. A channel whose weights are all
+    about zero (dead) but whose folded BatchNorm bias is not gets a tiny weight scale, and its bias
+    overflows int32 and is clamped. The post-training quantizer widens such scales itself; from a QAT
+    model it takes the fake-quant ranges as they are, hence this. Weights under `floor` round to zero.
+    """
+    widened = 0
+    for layer in qat_model.layers:
+        for var in layer.non_trainable_weights:
+            base = var.name.rsplit("/", 1)[-1].split(":")[0]
+            if base.endswith("kernel_max"):
+                values = var.numpy()
+                widened += int(np.sum(values < floor))
+                var.assign(np.maximum(values, floor))
+            elif base.endswith("kernel_min"):
+                var.assign(np.minimum(var.numpy(), -floor))
+    return widened
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -118,8 +118,9 @@ class FinetuneConfig:
 class PruningConfig:
     target_sparsity: float = opt(0.5, "Final fraction of zero weights in pruned layers.", min=0.0, max=0.99,
                                  min_exclusive=True)
-    epochs: int = opt(2, "Fine-tuning epochs while pruning.", min=1, max=100)
-    learning_rate: float = opt(1e-5, "Learning rate.", min=0.0, max=1.0, min_exclusive=True)
+    epochs: int = opt(3, "Fine-tuning epochs while pruning.", min=1, max=100)
+    learning_rate: float = opt(1e-4, "Learning rate (pruning needs more than QAT to recover).", min=0.0, max=1.0,
+                               min_exclusive=True)
 
 
 TFLITE_VARIANTS = ("fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8")

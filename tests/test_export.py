@@ -207,12 +207,27 @@ def test_qat_flattens_the_nested_model_and_reports_float_layers(exported):
     assert artifacts(result)["tflite-qat_int8"]["layers_left_float"] == ["preprocess"]
 
 
-def test_pruning_reaches_the_target_sparsity_and_shrinks_gzip(exported):
+def int8_weight_zeros(path: Path) -> float:
+    """Fraction of zeros in the int8 weights of the CONV_2D and FULLY_CONNECTED ops of a .tflite."""
+    from ai_edge_litert import schema_py_generated as tfl
+
+    model = tfl.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    graph, codes = model.subgraphs[0], [code.builtinCode for code in model.operatorCodes]
+    weights = [np.frombuffer(bytes(model.buffers[graph.tensors[op.inputs[1]].buffer].data), np.int8)
+               for op in graph.operators
+               if codes[op.opcodeIndex] in (tfl.BuiltinOperator.CONV_2D, tfl.BuiltinOperator.FULLY_CONNECTED)]
+    return float(np.mean(np.concatenate(weights) == 0))
+
+
+def test_pruning_reaches_the_target_sparsity_and_shrinks_gzip(run_dir, exported):
     found = artifacts(exported[0])
     sparsity = found["tflite-pruned_int8"]["sparsity"]
     assert sparsity["target"] == 0.5 and sparsity["overall"] >= 0.49
     assert set(sparsity["layers"]) == {"Conv1", "project", "Conv_1", "predictions"}  # depthwise stays dense
     assert all(v >= 0.49 for v in sparsity["layers"].values())
+    exports = Path(run_dir) / "exports"
+    assert int8_weight_zeros(exports / "tflite-pruned_int8.tflite") >= 0.49  # int8 conversion keeps the zeros
+    assert int8_weight_zeros(exports / "tflite-int8.tflite") < 0.2
     assert found["tflite-pruned_int8"]["gzip_bytes"] < found["tflite-int8"]["gzip_bytes"]
 
 

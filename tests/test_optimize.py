@@ -43,10 +43,12 @@ def test_check_same_outputs_refuses_a_different_model():
         opt.check_same_outputs(nested, tiny(1), images)
 
 
-def test_calibrate_quantizers_starts_ranges_at_the_observed_values():
+def test_calibrate_quantizers_starts_ranges_at_the_observed_values_and_dead_channels_are_widened():
     import tf_keras as keras
 
     model = tiny(0)
+    kernel, bias = model.get_layer("predictions").get_weights()
+    model.get_layer("predictions").set_weights([np.zeros_like(kernel), bias + 1.0])  # dead weights, live bias
     images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
     qat = opt.quantize_aware(model)
     assert qat.layers_left_float == []
@@ -55,3 +57,7 @@ def test_calibrate_quantizers_starts_ranges_at_the_observed_values():
     ranges = {w.name.rsplit("/", 1)[-1].split(":")[0]: float(w.numpy()) for w in relu.non_trainable_weights}
     observed = keras.Model(model.inputs, model.get_layer("relu").output)(images).numpy()
     assert ranges["output_min"] == 0.0 and ranges["output_max"] == pytest.approx(observed.max(), rel=1e-5)
+    dense = qat.model.get_layer("quant_predictions")
+    assert opt.floor_weight_ranges(qat.model) == 1  # Dense kernels have one (per-tensor) range
+    ranges = {w.name.rsplit("/", 1)[-1].split(":")[0]: float(w.numpy()) for w in dense.non_trainable_weights}
+    assert ranges["kernel_min"] == pytest.approx(-1e-3) and ranges["kernel_max"] == pytest.approx(1e-3)
