@@ -282,8 +282,8 @@ def read_label_csv(head, root: Path, samples: list[Sample], skipped: list[Skippe
     where = f"model.heads '{head.name}': {path}"
     if not path.is_file():
         raise DatasetError(f"{where}: CSV file not found. Give the head's `csv` as a file with a header row "
-                           f"`file,{head.column or head.name}` (relative paths are read from the recipe's folder), or leave `csv` "
-                           f"out to take this head's labels from the class folders")
+                           f"`file,{head.column or head.name}` (relative paths are read from the recipe's folder), "
+                           f"or leave `csv` out to take this head's labels from the class folders")
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -295,7 +295,7 @@ def read_label_csv(head, root: Path, samples: list[Sample], skipped: list[Skippe
                            f"Start the file with a header such as `file,{column}` (file: a path relative to "
                            f"{root}, or a file name); the label column is the head's `column`, else the one named "
                            f"like the head, else `label`")
-    by_rel = {Path(os.path.relpath(p, root)).as_posix(): p for p in [s.path for s in [*samples, *skipped]]}
+    by_rel = {Path(os.path.relpath(s.path, root)).as_posix(): s.path for s in [*samples, *skipped]}
     by_name: dict[str, list[str]] = {}
     for rel, image in by_rel.items():
         by_name.setdefault(rel.rsplit("/", 1)[-1], []).append(image)
@@ -327,6 +327,7 @@ def read_label_csv(head, root: Path, samples: list[Sample], skipped: list[Skippe
 
 
 def _check_head_classes(head: HeadLabels, train: list[Sample]) -> None:
+    """Every class of a head needs training images, as every class folder does."""
     counts = np.bincount(head.labels(train), minlength=len(head.class_names))
     empty = [name for name, n in zip(head.class_names, counts) if n == 0]
     if empty:

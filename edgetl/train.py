@@ -275,6 +275,7 @@ def _top1_text(m: dict) -> str:
 
 
 def _stage_summary(m: dict) -> dict:
+    """top-1 and top-5 of a stage for metrics.json (per head too for a multi-task model)."""
     summary = {"top1": m["top1"], "top5": m["top5"]}
     if "heads" in m:
         summary["heads"] = {name: {"top1": hm["top1"], "top5": hm["top5"]} for name, hm in m["heads"].items()}
