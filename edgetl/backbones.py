@@ -149,10 +149,14 @@ class Classifier:
     warning: str | None = None
 
 
-def build_classifier(num_classes: int, backbone: str = "mobilenet_v2", image_size: int | None = None,
+def build_classifier(num_classes: int | dict[str, int], backbone: str = "mobilenet_v2", image_size: int | None = None,
                      alpha: float = 1.0, weights: str | None = "imagenet", weights_fallback: str = "none",
                      pooling: str = "avg", dropout: float = 0.2, hidden_units=(), seed: int = 0) -> Classifier:
-    """Raw RGB input -> baked preprocessing -> frozen backbone (inference mode) -> pooling -> head."""
+    """Raw RGB input -> baked preprocessing -> frozen backbone (inference mode) -> pooling -> head.
+
+    `num_classes` as {head name: classes} builds a multi-task model: dropout and hidden layers are
+    shared, then one softmax Dense per head, named after the head, in dict order (the model's outputs).
+    """
     import tf_keras as keras
 
     spec = get_spec(backbone)
@@ -166,18 +170,23 @@ def build_classifier(num_classes: int, backbone: str = "mobilenet_v2", image_siz
     x = base(x, training=False)
     pool = L.GlobalAveragePooling2D(name="pool") if pooling == "avg" else L.GlobalMaxPooling2D(name="pool")
     pooled = pool(x)
-    head_layers = [L.Dropout(dropout, seed=seed, name="dropout")]
-    head_layers += [L.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]
+    trunk = [L.Dropout(dropout, seed=seed, name="dropout")]
+    trunk += [L.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]
+    heads = num_classes if isinstance(num_classes, dict) else {"predictions": num_classes}
     # float32 even under a mixed_float16 policy: the softmax and the loss need float32 precision
-    head_layers.append(L.Dense(num_classes, activation="softmax", name="predictions", dtype="float32",
-                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed)))
+    outputs = [L.Dense(n, activation="softmax", name=name, dtype="float32",
+                       kernel_initializer=keras.initializers.GlorotUniform(seed=seed + i))
+               for i, (name, n) in enumerate(heads.items())]
     feat_in = keras.Input((pooled.shape[-1],), name="features")
     y, h = pooled, feat_in
-    for layer in head_layers:
+    for layer in trunk:
         y, h = layer(y), layer(h)
-    model = keras.Model(image, y, name=f"{backbone}_classifier")
+    ys, hs = [out(y) for out in outputs], [out(h) for out in outputs]
+    if not isinstance(num_classes, dict):
+        ys, hs = ys[0], hs[0]
+    model = keras.Model(image, ys, name=f"{backbone}_classifier")
     return Classifier(model, base, keras.Model(image, pooled, name="features"),
-                      keras.Model(feat_in, h, name="head"), result.weights_source, result.warning)
+                      keras.Model(feat_in, hs, name="head"), result.weights_source, result.warning)
 
 
 def unfreeze(backbone, layers: int | None = None, from_layer: str | None = None,

@@ -103,6 +103,8 @@ def train(recipe: Path, data_dir, out_root: Path, overrides):
     m = result.metrics
     echo("")
     echo(f"test top-1 {m['test']['top1']:.2%}  top-5 {m['test']['top5']:.2%}  ({m['test']['n']} images)")
+    for head, hm in m["test"].get("heads", {}).items():
+        echo(f"  head {head}: top-1 {hm['top1']:.2%}  top-5 {hm['top5']:.2%}")
     for stage, sm in m["stages"].items():
         echo(f"  after {stage}: top-1 {sm['top1']:.2%}")
     manifest = json.loads((result.run_dir / "manifest.json").read_text())

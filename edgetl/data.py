@@ -6,6 +6,7 @@ each model carries its own preprocessing.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 from collections import Counter
@@ -44,8 +45,23 @@ class Skipped:
 
 
 @dataclass
+class HeadLabels:
+    """One multi-task head's class names and the label index of every image (by path)."""
+
+    name: str
+    class_names: list[str]
+    by_path: dict[str, int]
+    source: str  # "folder" or the CSV path
+
+    def labels(self, samples: list[Sample]) -> np.ndarray:
+        """Label indices aligned with `samples`."""
+        return np.array([self.by_path[s.path] for s in samples], dtype=np.int64)
+
+
+@dataclass
 class DatasetSplits:
-    """Class names, train/val/test samples and the files that were skipped (with reasons)."""
+    """Class names, train/val/test samples, the files that were skipped (with reasons) and, for a
+    multi-task recipe, each head's labels (`heads`, empty for a single head on the class folders)."""
 
     source: str
     root: str
@@ -54,10 +70,20 @@ class DatasetSplits:
     val: list[Sample]
     test: list[Sample]
     skipped: list[Skipped] = field(default_factory=list)
+    heads: list[HeadLabels] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def primary_class_names(self) -> list[str]:
+        """The class names of labels.txt: the first head's, or the class folders'."""
+        return self.heads[0].class_names if self.heads else self.class_names
+
+    def targets(self, samples: list[Sample]) -> dict[str, np.ndarray] | None:
+        """{head: label indices aligned with `samples`} for a multi-task recipe, else None."""
+        return {h.name: h.labels(samples) for h in self.heads} or None
 
     def fingerprint(self) -> dict:
         """File counts per split and class, and a hash of the file list (detects a changed dataset)."""
@@ -69,9 +95,16 @@ class DatasetSplits:
             counts[split] = {"total": len(samples), "per_class": {c: per_class.get(c, 0) for c in self.class_names}}
             for s in sorted(samples, key=lambda s: s.path):
                 rel = os.path.relpath(s.path, self.root)
-                digest.update(f"{split}\t{rel}\t{s.label}\t{os.path.getsize(s.path)}\n".encode())
-        return {"source": self.source, "root": self.root, "classes": self.class_names, "counts": counts,
-                "files_sha256": digest.hexdigest(), "skipped": len(self.skipped)}
+                heads = "".join(f"\t{h.by_path[s.path]}" for h in self.heads)
+                digest.update(f"{split}\t{rel}\t{s.label}{heads}\t{os.path.getsize(s.path)}\n".encode())
+        out = {"source": self.source, "root": self.root, "classes": self.class_names, "counts": counts,
+               "files_sha256": digest.hexdigest(), "skipped": len(self.skipped)}
+        if self.heads:
+            out["heads"] = {h.name: {"source": h.source, "classes": h.class_names, "counts": {
+                split: dict(zip(h.class_names, np.bincount(h.labels(getattr(self, split)),
+                                                           minlength=len(h.class_names)).tolist()))
+                for split in ("train", "val", "test")}} for h in self.heads}
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,10 +192,13 @@ def load_splits(recipe, data_dir: str | os.PathLike | None = None) -> DatasetSpl
         samples, skipped = scan_class_folders(root, class_names)
         rest, test = stratified_split(samples, cfg.test_split, rng)
         train, val = stratified_split(rest, cfg.val_split, rng)
+    heads = [head_labels(h, root, class_names, train + val + test, skipped) for h in recipe.model.heads]
     if cfg.max_per_class:
         train = _cap_per_class(train, cfg.max_per_class, rng)
     _check_usable(root, class_names, train, test)
-    return DatasetSplits(kind, str(root), class_names, train, val, test, skipped)
+    for head in heads:
+        _check_head_classes(head, train)
+    return DatasetSplits(kind, str(root), class_names, train, val, test, skipped, heads)
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -222,6 +258,83 @@ def _check_usable(root: Path, class_names: list[str], train: list[Sample], test:
         raise DatasetError(f"{root}: the test split is empty. Add a test/ folder or raise data.test_split")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Multi-task labels
+
+
+def head_labels(head, root: Path, class_names: list[str], samples: list[Sample],
+                skipped: list[Skipped]) -> HeadLabels:
+    """The labels of one recipe head (a HeadConfig): the class folders, or its CSV file."""
+    if head.csv is None:
+        return HeadLabels(head.name, list(class_names), {s.path: s.label for s in samples}, "folder")
+    values = read_label_csv(head, root, samples, skipped)
+    names = sorted(set(values.values()))
+    if len(names) < 2:
+        raise DatasetError(f"model.heads '{head.name}': {head.csv} gives every image the label {names[0]!r}; "
+                           f"a head needs at least two classes")
+    index = {name: i for i, name in enumerate(names)}
+    return HeadLabels(head.name, names, {path: index[v] for path, v in values.items()}, head.csv)
+
+
+def read_label_csv(head, root: Path, samples: list[Sample], skipped: list[Skipped]) -> dict[str, str]:
+    """{image path: label} from a head's CSV; every row must name one image and every image needs a row."""
+    path = Path(head.csv)
+    where = f"model.heads '{head.name}': {path}"
+    if not path.is_file():
+        raise DatasetError(f"{where}: CSV file not found. Give the head's `csv` as a file with a header row "
+                           f"`file,{head.column or head.name}` (relative paths are read from the recipe's folder), "
+                           f"or leave `csv` out to take this head's labels from the class folders")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    column = head.column or next((c for c in (head.name, "label") if c in columns), head.name)
+    missing = [c for c in ("file", column) if c not in columns]
+    if missing:
+        raise DatasetError(f"{where}: the header row {columns} has no column {' or '.join(map(repr, missing))}. "
+                           f"Start the file with a header such as `file,{column}` (file: a path relative to "
+                           f"{root}, or a file name); the label column is the head's `column`, else the one named "
+                           f"like the head, else `label`")
+    by_rel = {Path(os.path.relpath(s.path, root)).as_posix(): s.path for s in [*samples, *skipped]}
+    by_name: dict[str, list[str]] = {}
+    for rel, image in by_rel.items():
+        by_name.setdefault(rel.rsplit("/", 1)[-1], []).append(image)
+    usable = {s.path for s in samples}
+    values: dict[str, str] = {}
+    row_of: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        key, value = row.get("file", "").replace("\\", "/").removeprefix("./"), row.get(column, "")
+        if not key or not value:
+            raise DatasetError(f"{where}, row {line}: empty `file` or `{column}` cell; every row needs both")
+        found = [by_rel[key]] if key in by_rel else by_name.get(key, []) if "/" not in key else []
+        if len(found) > 1:
+            raise DatasetError(f"{where}, row {line}: file name {key!r} matches {len(found)} images "
+                               f"({', '.join(os.path.relpath(p, root) for p in found[:3])}); write the path "
+                               f"relative to {root} instead")
+        if not found:
+            raise DatasetError(f"{where}, row {line}: {key!r} is not an image under {root} (looked for a path "
+                               f"relative to the data root, or a file name). Fix the path or delete the row")
+        if found[0] in row_of:
+            raise DatasetError(f"{where}, rows {row_of[found[0]]} and {line} both label {key!r}; keep one")
+        row_of[found[0]] = line
+        if found[0] in usable:  # unreadable images were skipped and need no label
+            values[found[0]] = value
+    unlabeled = [os.path.relpath(s.path, root) for s in samples if s.path not in values]
+    if unlabeled:
+        raise DatasetError(f"{where}: {len(unlabeled)} image(s) have no row, e.g. {', '.join(unlabeled[:3])}. Add a "
+                           f"row `<file>,<{column}>` for each (file relative to {root}), or remove those images")
+    return values
+
+
+def _check_head_classes(head: HeadLabels, train: list[Sample]) -> None:
+    """Every class of a head needs training images, as every class folder does."""
+    counts = np.bincount(head.labels(train), minlength=len(head.class_names))
+    empty = [name for name, n in zip(head.class_names, counts) if n == 0]
+    if empty:
+        raise DatasetError(f"model.heads '{head.name}': class(es) {', '.join(empty)} have no training images; "
+                           f"label some training images with them, or drop those labels from {head.source}")
+
+
 def stratified_split(samples: list[Sample], fraction: float, rng: np.random.Generator):
     """Split per class: a seeded `fraction` of each class (at least one when it has two or more) is held out."""
     if fraction <= 0:
@@ -265,16 +378,20 @@ def load_arrays(samples: list[Sample], image_size: int, resize: str = "plain"):
 
 def make_dataset(samples: list[Sample], image_size: int, resize: str = "plain", batch_size: int = 32,
                  shuffle: bool = False, seed: int = 0, augment=None, cache: str = "memory",
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, targets: dict[str, np.ndarray] | None = None):
     """tf.data pipeline: parallel Pillow decode -> cache -> shuffle -> batch -> augment -> prefetch.
 
-    Yields (float32 images in 0..255, int32 labels). `augment` is an AugmentConfig, used only when
-    given (training batches).
+    Yields (float32 images in 0..255, int32 labels), or (images, {head: int32 labels}) when `targets`
+    (per-head labels aligned with `samples`, see DatasetSplits.targets) is given. `augment` is an
+    AugmentConfig, used only when given (training batches).
     """
     import tensorflow as tf
 
     paths = [s.path for s in samples]
-    labels = np.array([s.label for s in samples], dtype=np.int32)
+    if targets is None:
+        labels = np.array([s.label for s in samples], dtype=np.int32)
+    else:
+        labels = {name: np.asarray(values, dtype=np.int32) for name, values in targets.items()}
 
     def _decode(path):
         return decode_image(path.decode("utf-8"), image_size, resize)
@@ -293,7 +410,8 @@ def make_dataset(samples: list[Sample], image_size: int, resize: str = "plain", 
     elif cache == "disk":
         folder = Path(cache_dir or cache_root() / "tfdata")
         folder.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256("\n".join(paths).encode() + f"{image_size}{resize}".encode()).hexdigest()[:16]
+        heads = ",".join(targets or ())  # the cache holds the labels too
+        key = hashlib.sha256("\n".join(paths).encode() + f"{image_size}{resize}{heads}".encode()).hexdigest()[:16]
         ds = ds.cache(str(folder / f"cache-{key}"))
     if shuffle and cache != "none":  # the disk cache fixes the order, so shuffle after it, in a bounded buffer
         buffer = len(paths) if cache == "memory" else min(len(paths), DISK_SHUFFLE_BUFFER)

@@ -23,12 +23,18 @@ model.keras and the recipe in minutes), so exports/ holds only what ships.
 Integer inputs take camera bytes: the calibration set pins the input range to 0..255, so a uint8 input
 has scale 1 and zero point 0 (int8: zero point -128) and the baked-in preprocessing does the rest.
 
+Multi-task runs (recipe `model.heads`): every artifact has one output per head, in head order and named
+after the head (TFLite: output tensor and signature names; ONNX: graph output names); TFLite metadata
+carries a labels_<head>.txt per output, ONNX metadata_props a `heads` JSON {head: class names}.
+qat_int8 and pruned_int8 are not_supported for them (their fine-tune trains one output).
+
 manifest.json schema (keys are stable):
   created             ISO time (UTC) of the last write
   run                 the run directory
   recipe_fingerprint  Recipe.fingerprint() of the run's recipe
   versions            {library: version} of every converter and runtime involved
-  labels              "labels.txt" (one class name per line, index order)
+  labels              "labels.txt" (one class name per line, index order; a multi-task run's primary head)
+  head_labels         multi-task runs only: {head: "labels_<head>.txt"}, in output order
   preparation         shared steps: {"flatten": {...}, "qat": {...}, "pruning": {...}} when they ran
   artifacts           one entry per exported variant:
     name              "<format>-<variant>", e.g. "tflite-int8"
@@ -157,6 +163,7 @@ class Sources:
         self.run, self.echo = run, echo
         self.recipe = run.load_recipe()
         self.labels = run.labels()
+        self.head_labels = run.head_labels()  # {} unless multi-task
         self.size = image_size_for(self.recipe)
         self.preparation: dict = {}
         self.prep_seconds = 0.0  # time spent building shared inputs (outermost builds only)
@@ -254,9 +261,15 @@ class Sources:
         """The quantization-aware model after fine-tuning (QatModel)."""
         return self._shared("qat", self._qat)
 
+    def _require_single_head(self, what: str) -> None:
+        if self.head_labels:
+            raise NotSupported(f"{what} is not supported for multi-head recipes (model.heads): its fine-tune "
+                               f"trains one output; use int8 (post-training quantization)")
+
     def _qat(self):
         from edgetl.optimize import calibrate_quantizers, finetune, floor_weight_ranges, quantize_aware
 
+        self._require_single_head("quantization-aware training")
         cfg = self.recipe.export.qat
         flat = self.flat()
         t0 = time.perf_counter()
@@ -283,6 +296,7 @@ class Sources:
 
         from edgetl.optimize import PruningPlan, finetune, prune, sparsity_report, strip_pruning
 
+        self._require_single_head("pruning")
         cfg = self.recipe.export.pruning
         flat = self.flat()
         t0 = time.perf_counter()
@@ -384,6 +398,10 @@ def build_tflite(sources: Sources, variant: str) -> Built:
     else:
         converter = tflite_converter(sources.saved_model(key, sources.model()), variant)
     data = converter.convert()
+    if sources.head_labels:
+        from edgetl.metadata import name_outputs
+
+        data = name_outputs(data, list(sources.head_labels))
     data, notes = _with_metadata(data, sources, variant)
     return Built(data, quant, f"tf.lite.TFLiteConverter (tensorflow {tf.__version__})", left_float, sparsity, notes)
 
@@ -393,11 +411,13 @@ def _with_metadata(data: bytes, sources: Sources, variant: str) -> tuple[bytes, 
     from edgetl.metadata import add_metadata
 
     recipe = sources.recipe
-    description = recipe.description or (f"{recipe.model.backbone} image classifier ({len(sources.labels)} classes), "
+    classes = ", ".join(f"{head}: {len(names)}" for head, names in sources.head_labels.items()) \
+        or str(len(sources.labels))
+    description = recipe.description or (f"{recipe.model.backbone} image classifier ({classes} classes), "
                                          f"raw RGB 0-255 input, exported by edgetl")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = add_metadata(data, labels=sources.labels, name=f"{recipe.name} tflite-{variant}",
+        data = add_metadata(data, labels=sources.head_labels or sources.labels, name=f"{recipe.name} tflite-{variant}",
                             description=description, version=sources.run.path.name,
                             input_mean=(0.0,), input_std=(1.0,))
     return data, [str(w.message) for w in caught]
@@ -528,6 +548,8 @@ def _set_onnx_metadata(proto, sources: Sources, variant: str) -> None:
     proto.doc_string = f"{sources.recipe.name} onnx-{variant}: raw RGB 0-255 NHWC float input '{INPUT_NAME}'"
     meta = {"labels": json.dumps(sources.labels), "name": f"{sources.recipe.name} onnx-{variant}",
             "version": sources.run.path.name, "input_mean": "0", "input_std": "1"}
+    if sources.head_labels:
+        meta["heads"] = json.dumps(sources.head_labels)
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
@@ -581,6 +603,10 @@ def export_run(run_dir, tflite: list[str] | None = None, onnx: list[str] | None 
     failed = []
     with Sources(run, echo) as sources:
         atomic_write_text(out_dir / "labels.txt", "\n".join(sources.labels) + "\n")
+        for head, names in sources.head_labels.items():
+            atomic_write_text(out_dir / run.head_labels_path(head).name, "\n".join(names) + "\n")
+        if sources.head_labels:
+            manifest["head_labels"] = {head: run.head_labels_path(head).name for head in sources.head_labels}
         for fmt, variants in (("tflite", tflite), ("onnx", onnx)):
             for variant in variants:
                 echo(f"exporting {fmt}-{variant} ...")
@@ -605,6 +631,7 @@ def export_one(sources: Sources, fmt: str, variant: str) -> dict:
     try:
         built = build(sources, variant)
         entry.update(inspect(built.data, sources.check_image()))
+        _check_output_names(entry["outputs"], list(sources.head_labels))
         atomic_write_bytes(target, built.data)
     except Exception as exc:  # noqa: BLE001 - one variant failing must not stop the others
         target.unlink(missing_ok=True)  # an older export of this variant would no longer match the manifest
@@ -618,6 +645,13 @@ def export_one(sources: Sources, fmt: str, variant: str) -> dict:
                      sparsity=built.sparsity, warnings=built.warnings)
     entry["seconds"] = round(time.perf_counter() - t0 - (sources.prep_seconds - prep0), 2)
     return entry
+
+
+def _check_output_names(outputs: list[dict], heads: list[str]) -> None:
+    """A multi-task artifact must expose one output per head, named after it, in head order."""
+    names = [o["name"] for o in outputs]
+    if heads and names != heads:
+        raise RuntimeError(f"the artifact's outputs are {names}; expected one per head, in order: {heads}")
 
 
 def _entry(name: str, fmt: str, variant: str) -> dict:

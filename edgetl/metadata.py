@@ -89,6 +89,25 @@ def add_metadata(
     return _append_zip(_pack_model(model), {file: "\n".join(names) + "\n" for file, names in label_files.values()})
 
 
+def name_outputs(tflite_bytes: bytes, names: Sequence[str]) -> bytes:
+    """Put the output tensors in the order of the signature outputs `names` and name each tensor after its output.
+
+    For a multi-output Keras model the converter orders the outputs by signature name and gives the
+    tensors opaque names (StatefulPartitionedCall:1); afterwards they come in `names` order under those
+    names, whichever API (signature runner or plain output details) reads them.
+    """
+    model = _read_model_object(tflite_bytes)
+    subgraph = model.subgraphs[0]
+    heads = _output_heads(model)
+    if sorted(heads) != sorted(names):
+        raise MetadataError(f"the model's outputs are {heads}, not {list(names)}")
+    by_name = dict(zip(heads, subgraph.outputs))
+    subgraph.outputs = [int(by_name[name]) for name in names]
+    for name in names:
+        subgraph.tensors[by_name[name]].name = name
+    return _pack_model(model)
+
+
 def read_metadata(tflite: bytes | str | os.PathLike) -> dict:
     """The metadata of a .tflite (bytes or path) as a JSON-ready dict; NoMetadataError if it has none.
 

@@ -28,3 +28,9 @@ def classification_metrics(y_true, probs, class_names: list[str]) -> dict:
                              "support": int(s[i])} for i, name in enumerate(class_names)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def head_metrics(labels: dict, probs: dict, class_names: dict[str, list[str]]) -> dict:
+    """Multi-task metrics: the primary (first) head's at the top level, every head's under `heads`."""
+    heads = {name: classification_metrics(labels[name], probs[name], names) for name, names in class_names.items()}
+    return {**heads[next(iter(heads))], "heads": heads}

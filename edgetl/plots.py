@@ -35,11 +35,14 @@ def plot_training_curves(history: dict, path: str | os.PathLike) -> None:
         if not n:
             continue
         epochs = np.arange(offset + 1, offset + n + 1)
-        for ax, key in zip(axes, ("loss", "accuracy")):
-            if key in h:
-                ax.plot(epochs, h[key], color=color, label=f"{stage} train")
-            if f"val_{key}" in h:
-                ax.plot(epochs, h[f"val_{key}"], color=color, linestyle="--", label=f"{stage} val")
+        accuracies = [k for k in h if k.endswith("accuracy") and not k.startswith("val_")]  # one per head
+        for ax, keys in zip(axes, (["loss"], accuracies)):
+            for key, alpha in zip(keys, np.linspace(1.0, 0.4, max(len(keys), 1))):
+                name = f"{stage} {key.removesuffix('_accuracy')} " if len(keys) > 1 else f"{stage} "
+                if key in h:
+                    ax.plot(epochs, h[key], color=color, alpha=alpha, label=f"{name}train")
+                if f"val_{key}" in h:
+                    ax.plot(epochs, h[f"val_{key}"], color=color, alpha=alpha, linestyle="--", label=f"{name}val")
         if offset:
             for ax in axes:
                 ax.axvline(offset + 0.5, color="grey", linewidth=0.8)

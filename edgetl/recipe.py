@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,25 @@ class AugmentConfig:
             getattr(self, f) > 0 for f in ("rotation", "zoom", "translation", "contrast", "brightness"))
 
 
+HEAD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+# Layer names of the classifier around the heads: a head named like one would clash in the Keras model.
+RESERVED_HEAD_NAMES = ("image", "preprocess", "pool", "dropout", "features", "hidden_<N>")
+
+
+@dataclass
+class HeadConfig:
+    name: str = opt("", "Head name: the Keras output layer and the TFLite/ONNX output name (a letter, then "
+                        "letters, digits or _).")
+    csv: Optional[str] = opt(None, "Labels from a CSV file with a header row: a `file` column (path relative to the "
+                                   "data root, or a bare file name) and a label column; relative paths are read "
+                                   "from the recipe's folder. null = the class-per-folder layout.")
+    column: Optional[str] = opt(None, "CSV column holding this head's labels; null = the column named like the "
+                                      "head, else `label`.")
+    loss: Literal["crossentropy", "focal"] = opt("crossentropy", "Softmax cross-entropy, or focal cross-entropy "
+                                                                 "(gamma 2) for imbalanced tasks.")
+    loss_weight: float = opt(1.0, "Weight of this head's loss in the total loss.", min=0.0)
+
+
 @dataclass
 class ModelConfig:
     backbone: str = opt("mobilenet_v2", "Backbone architecture (see `edgetl backbones`).")
@@ -75,6 +95,9 @@ class ModelConfig:
     pooling: Literal["avg", "max"] = opt("avg", "Global pooling before the head.")
     dropout: float = opt(0.2, "Dropout before the classification layer.", min=0.0, max=0.9)
     hidden_units: list[int] = opt(None, "Optional hidden Dense layers of the head (ReLU).", factory=list)
+    heads: list[HeadConfig] = opt(None, "Multi-task heads on the shared backbone (the first is the primary head, "
+                                        "used for labels.txt and recommendations); empty = one head on the class "
+                                        "folders.", factory=list)
 
 
 @dataclass
@@ -226,7 +249,11 @@ def load_recipe(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recip
         raw["name"] = path.stem
     for item in overrides:
         apply_override(raw, item, source=str(path))
-    return from_dict(Recipe, raw, source=str(path))
+    recipe = from_dict(Recipe, raw, source=str(path))
+    for head in recipe.model.heads:
+        if head.csv is not None:
+            head.csv = str((path.parent / Path(head.csv).expanduser()).resolve())
+    return recipe
 
 
 def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
@@ -334,6 +361,8 @@ def _coerce(value: Any, ftype: Any, source: str, key_path: str) -> Any:
         (item_type,) = typing.get_args(ftype)
         if not isinstance(value, list):
             raise RecipeError(f"{source}: {key_path} must be a list of {item_type.__name__}, got {value!r}")
+        if dataclasses.is_dataclass(item_type):
+            return [from_dict(item_type, v, source, f"{key_path}[{i}]") for i, v in enumerate(value)]
         return [_coerce(v, item_type, source, f"{key_path}[{i}]") for i, v in enumerate(value)]
     if ftype is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -369,6 +398,30 @@ def _check_cross_fields(obj: Any, source: str, path: str) -> None:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise RecipeError(f"{source}: {path}.backbone = {obj.backbone!r} is not a known backbone; "
                               f"allowed values: {', '.join(BACKBONES)}.{hint}")
+        _check_heads(obj.heads, source, f"{path}.heads")
+    if isinstance(obj, Recipe) and obj.model.heads:
+        if obj.adapt.target_data:
+            raise RecipeError(f"{source}: model.heads and adapt.target_data cannot be combined: domain adaptation "
+                              f"trains one classifier; remove one of them")
+        if obj.train.class_weight != "none":
+            raise RecipeError(f"{source}: train.class_weight: {obj.train.class_weight} is not supported with "
+                              f"model.heads; use `none` (or a head's `loss: focal` for an imbalanced task)")
+
+
+def _check_heads(heads: list[HeadConfig], source: str, path: str) -> None:
+    """Head names: present, valid identifiers, not reserved, unique."""
+    seen = set()
+    for i, head in enumerate(heads):
+        where = f"{source}: {path}[{i}].name"
+        if not HEAD_NAME.match(head.name):
+            raise RecipeError(f"{where} = {head.name!r}: a head needs a name that starts with a letter and holds "
+                              f"only letters, digits and _ (at most 64), e.g. `species`")
+        if head.name in RESERVED_HEAD_NAMES or re.fullmatch(r"hidden_\d+", head.name):
+            raise RecipeError(f"{where} = {head.name!r} is the name of a layer of the classifier; reserved: "
+                              f"{', '.join(RESERVED_HEAD_NAMES)}")
+        if head.name in seen:
+            raise RecipeError(f"{where} = {head.name!r} is used by an earlier head; head names must be unique")
+        seen.add(head.name)
 
 
 def explain(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -377,9 +430,13 @@ def explain(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         ftype = _field_types(cls)[f.name]
+        item = typing.get_args(ftype)[0] if typing.get_origin(ftype) is list else None
         if dataclasses.is_dataclass(ftype):
             rows.append((key, "", f.metadata.get("help", "")))
             rows.extend(explain(ftype, key + "."))
+        elif dataclasses.is_dataclass(item):
+            rows.append((key, "[]", f.metadata.get("help", "")))
+            rows.extend(explain(item, key + "[]."))
         else:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             rows.append((key, json.dumps(default), f.metadata.get("help", "")))

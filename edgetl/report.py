@@ -11,26 +11,32 @@ from edgetl.rundir import atomic_write_json, atomic_write_text
 
 HEADERS = ("artifact", "input", "top-1", "vs keras", "top-5", "agree", "max|dp|", "p50 ms", "p90 ms",
            "img/s", "load ms", "KB", "gzip KB", "RSS MB", "gate")
+HEAD_HEADERS = ("top-1", "vs keras", "agree")  # per head of a multi-task run, in place of HEADERS[2:7]
 GATE_CELLS = {"reference": "ref", "pass": "pass", "fail": "FAIL", "error": "ERROR"}
 
 
 def table_headers(rows: list[dict]) -> list[str]:
-    """HEADERS with top-5 renamed to the k actually used (k is capped at the class count)."""
+    """HEADERS with top-5 renamed to the k actually used (k is capped at the class count); a multi-task
+    run gets `<head> top-1`, `<head> vs keras` and `<head> agree` per head instead of the accuracy columns."""
+    heads = rows[0].get("heads") if rows else None
+    if heads:
+        return [*HEADERS[:2], *(f"{h} {c}" for h in heads for c in HEAD_HEADERS), *HEADERS[7:]]
     k = rows[0]["top5_k"] if rows else 5
     return [f"top-{k}" if h == "top-5" else h for h in HEADERS]
 
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
-    """One list of formatted cells per report row (HEADERS order); the Keras row shows `ref` for deltas."""
+    """One list of formatted cells per report row (table_headers order); the Keras row shows `ref` for deltas."""
     cells = []
     for r in rows:
         lat, thr = r.get("latency") or {}, r.get("throughput") or {}
         ok, ref = r["status"] == "ok", r["reference"]
+        if r.get("heads"):
+            scores = [_score_cells(h, ok, ref)[c] for h in r["heads"].values() for c in HEAD_HEADERS]
+        else:
+            scores = list(_score_cells(r, ok, ref).values())
         cells.append([
-            r["name"], r.get("input_dtype") or "-",
-            _pct(r["top1"]), "ref" if ref else (f"{r['delta_top1_pp']:+.2f} pp" if ok else "-"),
-            _pct(r["top5"]), "ref" if ref else _num(r["agreement"], "{:.3f}"),
-            "ref" if ref else _num(r["max_abs_prob_diff"], "{:.4f}"),
+            r["name"], r.get("input_dtype") or "-", *scores,
             _num(lat.get("p50_ms"), "{:.2f}"), _num(lat.get("p90_ms"), "{:.2f}"),
             _num(thr.get("images_per_s"), "{:.0f}"),
             _num(None if r.get("load_time_s") is None else r["load_time_s"] * 1000, "{:.0f}"),
@@ -39,6 +45,13 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
             _num(r.get("peak_rss_mb"), "{:.0f}"), GATE_CELLS.get(r.get("gate"), "-"),
         ])
     return cells
+
+
+def _score_cells(s: dict, ok: bool, ref: bool) -> dict[str, str]:
+    """The accuracy cells (HEADERS[2:7]) of one row, or of one head of it."""
+    return {"top-1": _pct(s["top1"]), "vs keras": "ref" if ref else (f"{s['delta_top1_pp']:+.2f} pp" if ok else "-"),
+            "top-5": _pct(s["top5"]), "agree": "ref" if ref else _num(s["agreement"], "{:.3f}"),
+            "max|dp|": "ref" if ref else _num(s["max_abs_prob_diff"], "{:.4f}")}
 
 
 def _pct(value) -> str:
@@ -53,7 +66,7 @@ def format_table(rows: list[dict]) -> str:
     """Plain aligned text, one line per artifact (readable on a terminal, in a log file and in CI):
     name and input type left-aligned, the figures right-aligned."""
     lines = [table_headers(rows)] + table_cells(rows)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
 
@@ -113,10 +126,12 @@ def render_markdown(report: dict) -> str:
               "", report["recommendation"]["message"], "",
               f"Pareto front (p50 latency vs top-1): {', '.join(report['pareto_front']) or '-'}.", ""]
     ok = [r for r in rows if r["status"] == "ok"]
-    if ok:
-        lines += ["## Per-class recall", "",
+    heads = data.get("heads") or {None: data["classes"]}
+    for head, classes in heads.items() if ok else ():
+        recall = [(r["heads"][head] if head else r)["per_class_recall"] for r in ok]
+        lines += [f"## Per-class recall{f' ({head})' if head else ''}", "",
                   _md_table(["class"] + [r["name"] for r in ok],
-                            [[c] + [f"{r['per_class_recall'][c]:.2%}" for r in ok] for c in data["classes"]]), ""]
+                            [[c] + [f"{rc[c]:.2%}" for rc in recall] for c in classes]), ""]
     lines += ["## Plots", ""] + [f"![{key.replace('_', ' ')}]({name})" for key, name in report["plots"].items()]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
 """The run directory: the contract between stages, and atomic file writing for all of them.
 
-Layout of `models/<recipe-name>/<run-id>/`: recipe.yaml, labels.txt, model.keras, history.json,
+Layout of `models/<recipe-name>/<run-id>/`: recipe.yaml, labels.txt (labels_<head>.txt per head of a
+multi-task recipe), model.keras, history.json,
 metrics.json, manifest.json, plots; `exports/` (export stage) and `validation/` (validation stage).
 Each stage reads what the previous one wrote and writes its own files through `atomic_path`, so an
 interrupted stage never leaves a half-written file that a later stage could mistake for output.
@@ -97,6 +98,17 @@ class RunDir:
         """Class names in index order."""
         self.require(self.labels_path)
         return [line for line in self.labels_path.read_text(encoding="utf-8").splitlines() if line]
+
+    def head_labels_path(self, head: str) -> Path:
+        """labels_<head>.txt: one multi-task head's class names in index order."""
+        return self.path / f"labels_{head}.txt"
+
+    def head_labels(self) -> dict[str, list[str]]:
+        """{head: class names} of a multi-task run (recipe `model.heads`), in output order; {} for one head."""
+        names = [h.name for h in self.load_recipe().model.heads]
+        self.require(*(self.head_labels_path(n) for n in names))
+        return {n: [line for line in self.head_labels_path(n).read_text(encoding="utf-8").splitlines() if line]
+                for n in names}
 
     def load_recipe(self):
         """The resolved recipe this run was trained with."""

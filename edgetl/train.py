@@ -8,6 +8,7 @@ strategy scope (see `edgetl.distribute`); in a multi-worker cluster only the chi
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import sys
@@ -24,7 +25,7 @@ from edgetl.edge.runtime import peak_rss_mb
 from edgetl.data import DatasetSplits, load_splits, make_dataset
 from edgetl.distribute import (describe, is_chief, make_strategy, mixed_precision, replicas, scaled_learning_rate,
                                worker_cache_dir)
-from edgetl.metrics import classification_metrics
+from edgetl.metrics import classification_metrics, head_metrics
 from edgetl.recipe import Recipe
 from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text
 
@@ -60,18 +61,38 @@ def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _one_hot(ds, num_classes: int):
+def output_classes(splits: DatasetSplits) -> int | dict[str, int]:
+    """Classes per output: an int for one head on the class folders, {head: classes} for multi-task."""
+    return {h.name: len(h.class_names) for h in splits.heads} or splits.num_classes
+
+
+def _one_hot(ds, depth: int | dict[str, int]):
     import tensorflow as tf
 
-    return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    if isinstance(depth, dict):
+        return ds.map(lambda x, y: (x, {name: tf.one_hot(y[name], n) for name, n in depth.items()}))
+    return ds.map(lambda x, y: (x, tf.one_hot(y, depth)))
 
 
-def _compile(model, learning_rate: float, label_smoothing: float) -> None:
+def _loss(kind: str, label_smoothing: float):
     import tf_keras as keras
 
+    cls = keras.losses.CategoricalFocalCrossentropy if kind == "focal" else keras.losses.CategoricalCrossentropy
+    return cls(label_smoothing=label_smoothing)
+
+
+def _compile(model, learning_rate: float, label_smoothing: float, heads=()) -> None:
+    """Adam and cross-entropy; with recipe `heads`, each output gets its head's loss, weight and accuracy."""
+    import tf_keras as keras
+
+    if not heads:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=_loss("crossentropy", label_smoothing),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        return
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                  loss={h.name: _loss(h.loss, label_smoothing) for h in heads},
+                  loss_weights={h.name: h.loss_weight for h in heads},
+                  metrics={h.name: [keras.metrics.CategoricalAccuracy(name="accuracy")] for h in heads})
 
 
 def _callbacks(recipe: Recipe, has_val: bool, plateau: bool = False) -> list:
@@ -120,11 +141,12 @@ class Trainer:
             self.bn_calibrated = self._calibrate_random_backbone()
         common = dict(image_size=self.size, resize=d.resize, batch_size=d.batch_size, cache=d.cache,
                       cache_dir=worker_cache_dir(strategy))
-        n = splits.num_classes
+        n = output_classes(splits)
         self.train_ds = _one_hot(make_dataset(splits.train, shuffle=True, seed=recipe.seed, augment=recipe.augment,
-                                              **common), n)
+                                              targets=splits.targets(splits.train), **common), n)
         self.plain_train_ds = make_dataset(splits.train, **common)
-        self.val_ds = _one_hot(make_dataset(splits.val, **common), n) if splits.val else None
+        self.val_ds = _one_hot(make_dataset(splits.val, targets=splits.targets(splits.val), **common), n) \
+            if splits.val else None
         self.test_ds = make_dataset(splits.test, **common)
         self.class_weight = class_weights(splits, recipe.train.class_weight)
         self.history: dict = {}
@@ -134,7 +156,7 @@ class Trainer:
         from edgetl.backbones import build_classifier
 
         m = self.recipe.model
-        return build_classifier(self.splits.num_classes, m.backbone, self.size, m.alpha, weights,
+        return build_classifier(output_classes(self.splits), m.backbone, self.size, m.alpha, weights,
                                 m.weights_fallback, m.pooling, m.dropout, m.hidden_units, self.recipe.seed)
 
     def to_float32(self) -> None:
@@ -178,29 +200,38 @@ class Trainer:
         if cached:
             history = self._fit_head_on_features(cfg)
         else:
-            _compile(self.clf.model, self.learning_rate(cfg.learning_rate), self.recipe.train.label_smoothing)
+            self._compile(self.clf.model, cfg.learning_rate)
             history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                          class_weight=self.class_weight, verbose=_verbose(),
                                          callbacks=_callbacks(self.recipe, self.val_ds is not None)).history
         self.history["stage1"] = _plain(history)
         self.timings["stage1_s"] = round(time.perf_counter() - t0, 2)
 
-    def _fit_head_on_features(self, cfg):
+    def _compile(self, model, learning_rate: float) -> None:
+        _compile(model, self.learning_rate(learning_rate), self.recipe.train.label_smoothing, self.recipe.model.heads)
+
+    def _one_hot_labels(self, samples):
+        """One-hot labels of `samples`: an array, or {head: array} for a multi-task recipe."""
         import tf_keras as keras
 
-        n = self.splits.num_classes
+        targets, n = self.splits.targets(samples), output_classes(self.splits)
+        if targets is None:
+            return keras.utils.to_categorical([s.label for s in samples], n)
+        return {name: keras.utils.to_categorical(values, n[name]) for name, values in targets.items()}
+
+    def _fit_head_on_features(self, cfg):
         t0 = time.perf_counter()
         feats = self.clf.features.predict(self.plain_train_ds, verbose=0)
-        labels = keras.utils.to_categorical([s.label for s in self.splits.train], n)
+        labels = self._one_hot_labels(self.splits.train)
         val = None
         if self.splits.val:
             val_feats = self.clf.features.predict(make_dataset(self.splits.val, self.size, self.recipe.data.resize,
                                                                self.recipe.data.batch_size), verbose=0)
-            val = (val_feats, keras.utils.to_categorical([s.label for s in self.splits.val], n))
+            val = (val_feats, self._one_hot_labels(self.splits.val))
         self.timings["feature_extraction_s"] = round(time.perf_counter() - t0, 2)
         self.echo(f"  backbone features for {len(feats)} train + {len(val[0]) if val else 0} val images "
                   f"in {self.timings['feature_extraction_s']:.1f}s")
-        _compile(self.clf.head, self.learning_rate(cfg.learning_rate), self.recipe.train.label_smoothing)
+        self._compile(self.clf.head, cfg.learning_rate)
         return self.clf.head.fit(feats, labels, batch_size=self.recipe.data.batch_size, epochs=cfg.epochs,
                                  validation_data=val, class_weight=self.class_weight, shuffle=True,
                                  verbose=_verbose(), callbacks=_callbacks(self.recipe, val is not None)).history
@@ -219,7 +250,7 @@ class Trainer:
         self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, lr {self.learning_rate(cfg.learning_rate):g}, "
                   f"backbone layers {start}..{len(self.clf.backbone.layers) - 1} unfrozen ({trainable} with weights; "
                   f"BatchNorm frozen, inference mode)")
-        _compile(self.clf.model, self.learning_rate(cfg.learning_rate), self.recipe.train.label_smoothing)
+        self._compile(self.clf.model, cfg.learning_rate)
         history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                      class_weight=self.class_weight, verbose=_verbose(),
                                      callbacks=_callbacks(self.recipe, self.val_ds is not None,
@@ -228,10 +259,27 @@ class Trainer:
         self.timings["stage2_s"] = round(time.perf_counter() - t0, 2)
 
     def evaluate(self) -> dict:
-        """Test-split metrics of the current model."""
+        """Test-split metrics of the current model (multi-task: the primary head's, every head's under `heads`)."""
         probs = self.clf.model.predict(self.test_ds, verbose=0)
-        y = np.array([s.label for s in self.splits.test])
-        return classification_metrics(y, probs, self.splits.class_names)
+        if not self.splits.heads:
+            y = np.array([s.label for s in self.splits.test])
+            return classification_metrics(y, probs, self.splits.class_names)
+        return head_metrics(self.splits.targets(self.splits.test), dict(zip(self.clf.model.output_names, probs)),
+                            {h.name: h.class_names for h in self.splits.heads})
+
+
+def _top1_text(m: dict) -> str:
+    """`93.00%`, or `species 93.00%, color 98.00%` for a multi-task model."""
+    heads = m.get("heads")
+    return ", ".join(f"{name} {hm['top1']:.2%}" for name, hm in heads.items()) if heads else f"{m['top1']:.2%}"
+
+
+def _stage_summary(m: dict) -> dict:
+    """top-1 and top-5 of a stage for metrics.json (per head too for a multi-task model)."""
+    summary = {"top1": m["top1"], "top5": m["top5"]}
+    if "heads" in m:
+        summary["heads"] = {name: {"top1": hm["top1"], "top5": hm["top5"]} for name, hm in m["heads"].items()}
+    return summary
 
 
 def _plain(history: dict) -> dict:
@@ -275,6 +323,8 @@ def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_
     echo(f"dataset {splits.source} ({splits.root}): {splits.num_classes} classes, {len(splits.train)} train / "
          f"{len(splits.val)} val / {len(splits.test)} test images"
          + (f", {len(splits.skipped)} files skipped (listed in manifest.json)" if splits.skipped else ""))
+    for head in splits.heads:
+        echo(f"  head {head.name}: {len(head.class_names)} classes ({', '.join(head.class_names)}) from {head.source}")
     dist = describe(strategy)
     echo(f"distribute: {dist['strategy']}, {dist['replicas']} replica(s) on {', '.join(dist['devices'])}; "
          f"global batch {recipe.data.batch_size}"
@@ -289,7 +339,7 @@ def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_
                 trainer.stage1()
                 if "stage1" in trainer.history:
                     stage_metrics["stage1"] = trainer.evaluate()
-                    echo(f"  test top-1 after stage 1: {stage_metrics['stage1']['top1']:.2%}")
+                    echo(f"  test top-1 after stage 1: {_top1_text(stage_metrics['stage1'])}")
                 trainer.stage2()
             if mixed:
                 trainer.to_float32()  # export and validation get an ordinary float32 model
@@ -297,10 +347,10 @@ def train(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None, out_
                 else stage_metrics["stage1"]
         if "stage2" in trainer.history:
             stage_metrics["stage2"] = final
-            echo(f"  test top-1 after stage 2: {final['top1']:.2%}")
+            echo(f"  test top-1 after stage 2: {_top1_text(final)}")
 
         metrics = {"test": final,
-                   "stages": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in stage_metrics.items()},
+                   "stages": {k: _stage_summary(v) for k, v in stage_metrics.items()},
                    "weights_source": trainer.clf.weights_source}
         if trainer.clf.warning:
             metrics["warning"] = trainer.clf.warning
@@ -317,13 +367,16 @@ def write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Train
     from edgetl.plots import plot_confusion_matrix, plot_training_curves
 
     atomic_write_text(run.recipe_path, recipe.to_yaml())
-    atomic_write_text(run.labels_path, "\n".join(splits.class_names) + "\n")
+    atomic_write_text(run.labels_path, "\n".join(splits.primary_class_names) + "\n")
+    for head in splits.heads:
+        atomic_write_text(run.head_labels_path(head.name), "\n".join(head.class_names) + "\n")
     with atomic_path(run.model_path) as tmp:
         trainer.clf.model.save(tmp)
     atomic_write_json(run.history_path, trainer.history)
     atomic_write_json(run.metrics_path, metrics)
     plot_training_curves(trainer.history, run.path / "training_curves.png")
-    plot_confusion_matrix(metrics["test"]["confusion_matrix"], splits.class_names, run.path / "confusion_matrix.png",
+    plot_confusion_matrix(metrics["test"]["confusion_matrix"], splits.primary_class_names,
+                          run.path / "confusion_matrix.png",
                           title=f"{recipe.name}: test confusion matrix (top-1 {metrics['test']['top1']:.1%})")
     atomic_write_json(run.manifest_path, {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -333,7 +386,9 @@ def write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Train
         "model": {"backbone": recipe.model.backbone, "image_size": trainer.size, "alpha": recipe.model.alpha,
                   "weights_source": trainer.clf.weights_source, "params": int(trainer.clf.model.count_params()),
                   "feature_cache": trainer.use_feature_cache(),
-                  "batchnorm_calibrated_on": trainer.bn_calibrated},
+                  "batchnorm_calibrated_on": trainer.bn_calibrated,
+                  **({"heads": [{**dataclasses.asdict(h), "classes": output_classes(splits)[h.name]}
+                                for h in recipe.model.heads]} if splits.heads else {})},
         "warning": trainer.clf.warning,
         "distribute": distribute,
         "dataset": splits.fingerprint(),

@@ -4,6 +4,10 @@ Each artifact (the Keras model too) is loaded, run and timed in its own subproce
 (`python -m edgetl.validate --worker JOB`), so its load time and peak memory are those of its runtime
 alone. The parent decodes the test split once, scores the predictions against the labels and the Keras
 model, applies the gates, recommends an artifact and writes `<run>/validation/`.
+
+Multi-task runs (recipe `model.heads`): every head is scored (top-1, agreement, ... under each row's
+`heads`), the gates apply to every head, and the row's top-level figures, the recommendation and the
+plots are the primary (first) head's.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class GateFailure:
     threshold: float | None
     excess: float | None
     message: str
+    head: str | None = None  # the head that missed it (multi-task runs)
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,19 @@ def validate_run(run_dir, data_dir=None, threads: int | None = None, runs: int |
         min_agreement=min_agreement, budget_latency_ms=budget_latency_ms,
         budget_size_kb=budget_size_kb).items() if v is not None})
     class_names = run.labels()
+    head_labels = run.head_labels()
     splits = load_splits(recipe, data_dir)
-    if splits.class_names != class_names:
-        raise ValidationError(f"{splits.root}: classes {splits.class_names} differ from the run's "
-                              f"{run.labels_path} {class_names}; validate on data with the same class folders")
+    expected = [(run.head_labels_path(h.name), head_labels[h.name], h.class_names) for h in splits.heads] \
+        or [(run.labels_path, class_names, splits.class_names)]
+    for path, names, found in expected:
+        if found != names:
+            raise ValidationError(f"{splits.root}: classes {found} differ from the run's {path} {names}; validate "
+                                  f"on data with the same class folders (and label files)")
     size = image_size_for(recipe)
     images, labels = load_arrays(splits.test, size, recipe.data.resize)
+    targets = splits.targets(splits.test)
+    if targets:
+        labels = targets[splits.heads[0].name]
     artifacts, skipped = list_artifacts(run)
     echo(f"validating {len(artifacts)} artifacts on {len(images)} test images ({splits.root}, {size}px), "
          f"{cfg.threads} threads, {cfg.warmup} warm-up + {cfg.runs} timed runs each")
@@ -119,13 +131,15 @@ def validate_run(run_dir, data_dir=None, threads: int | None = None, runs: int |
         images_path = Path(tmp) / "images.npy"
         np.save(images_path, images)
         for i, art in enumerate(artifacts, 1):
-            out = _run_worker(art, images_path, Path(tmp) / f"job{i}", cfg, recipe.data.batch_size)
+            out = _run_worker(art, images_path, Path(tmp) / f"job{i}", cfg, recipe.data.batch_size,
+                              list(head_labels))
             outputs.append(out)
             echo(f"  [{i}/{len(artifacts)}] {art['name']}: " + (
                 f"error: {out['error']}" if out["error"] else
                 f"{out['result']['latency'][LATENCY_KEY]:.2f} ms p50, load {out['result']['load_time_s']:.2f}s"))
 
-    rows = score_rows(artifacts, outputs, labels, class_names)
+    heads = {name: (targets[name], names) for name, names in head_labels.items()}
+    rows = score_rows(artifacts, outputs, labels, class_names, heads)
     failures = check_gates(rows, cfg.max_accuracy_drop, cfg.min_agreement)
     failed = {f.artifact for f in failures}
     for row in rows:
@@ -174,22 +188,29 @@ def list_artifacts(run: RunDir) -> tuple[list[dict], list[dict]]:
     return artifacts, skipped
 
 
-def _run_worker(art: dict, images_path: Path, work: Path, cfg, batch_size: int) -> dict:
-    """Evaluate one artifact in a fresh interpreter: {"result", "probs"} or {"error"}."""
+def _run_worker(art: dict, images_path: Path, work: Path, cfg, batch_size: int, heads: list[str]) -> dict:
+    """Evaluate one artifact in a fresh interpreter: {"result", "probs", "heads"} or {"error"}.
+
+    `heads` (multi-task runs) names the outputs to score; "probs" is then the first head's.
+    """
     work.mkdir()
     job = {"format": art["format"], "model": str(art["path"]), "images": str(images_path), "out": str(work),
-           "threads": cfg.threads, "runs": cfg.runs, "warmup": cfg.warmup, "batch_size": batch_size}
+           "threads": cfg.threads, "runs": cfg.runs, "warmup": cfg.warmup, "batch_size": batch_size,
+           "heads": heads}
     atomic_write_json(work / "job.json", job)
     argv = [sys.executable, "-m", "edgetl.validate", "--worker", str(work / "job.json")]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=_worker_env())
     except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {WORKER_TIMEOUT_S:.0f} s", "result": None, "probs": None}
+        return {"error": f"did not finish within {WORKER_TIMEOUT_S:.0f} s", "result": None, "probs": None,
+                "heads": None}
     if proc.returncode != 0 or not (work / "result.json").is_file():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         error = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[-1]) if lines else f"worker exit status {proc.returncode}"
-        return {"error": error, "result": None, "probs": None}
-    return {"error": None, "result": read_json(work / "result.json"), "probs": np.load(work / "probs.npy")}
+        return {"error": error, "result": None, "probs": None, "heads": None}
+    head_probs = dict(np.load(work / "heads.npz")) if heads else None
+    return {"error": None, "result": read_json(work / "result.json"), "probs": np.load(work / "probs.npy"),
+            "heads": head_probs}
 
 
 def _worker_env() -> dict:
@@ -203,42 +224,66 @@ def _worker_env() -> dict:
 # Scoring and decisions (pure functions over report rows)
 
 
-def score_rows(artifacts: list[dict], outputs: list[dict], labels: np.ndarray, class_names: list[str]) -> list[dict]:
-    """One report row per artifact: accuracy, agreement and probability difference vs Keras, timings, sizes."""
-    from edgetl.metrics import classification_metrics
+def score_rows(artifacts: list[dict], outputs: list[dict], labels: np.ndarray, class_names: list[str],
+               heads: dict[str, tuple[np.ndarray, list[str]]] | None = None) -> list[dict]:
+    """One report row per artifact: accuracy, agreement and probability difference vs Keras, timings, sizes.
 
+    `heads` ({head: (labels, class names)}, multi-task runs) adds a `heads` entry per row with the same
+    figures for each head (outputs[i]["heads"] holds their probabilities); `labels`/`class_names` and
+    outputs[i]["probs"] are then the primary head's.
+    """
     ref = outputs[0]
     if ref["error"]:
         raise ValidationError(f"the Keras model {artifacts[0]['path']} could not be evaluated: {ref['error']}")
     rows = []
     for art, out in zip(artifacts, outputs):
         row = _file_facts(art)
-        probs, error = out["probs"], out["error"]
-        if probs is not None and probs.shape != ref["probs"].shape:
-            error = f"outputs {probs.shape[1:]} scores per image, the Keras model {ref['probs'].shape[1:]}"
-        elif probs is not None and not np.isfinite(probs).all():
-            error = "outputs NaN or infinite scores"
+        error = out["error"]
+        if error is None:
+            scored = [(out["probs"], ref["probs"], "")] + [(out["heads"][h], ref["heads"][h], f"head {h!r} ")
+                                                           for h in heads or {}]
+            error = next((e for e in (_output_error(p, r, where) for p, r, where in scored) if e), None)
         row.update(status="error" if error else "ok", error=error)
         res = out["result"] or {}
         row.update({key: res.get(key) for key in ("runtime", "runtime_version", "input_dtype", "input_shape",
                                                    "latency", "throughput", "throughput_error", "load_time_s",
                                                    "peak_rss_mb", "baseline_rss_mb")})
-        if error:
-            row.update(top1=None, top5=None, delta_top1_pp=None, agreement=None, mean_abs_prob_diff=None,
-                       max_abs_prob_diff=None, per_class_recall=None, confusion_matrix=None)
-        else:
-            m = classification_metrics(labels, probs, class_names)
-            diff = np.abs(probs.astype(np.float64) - ref["probs"].astype(np.float64))
-            row.update(top1=m["top1"], top5=m["top5"],
-                       delta_top1_pp=100.0 * (m["top1"] - rows[0]["top1"]) if rows else 0.0,
-                       agreement=float(np.mean(probs.argmax(1) == ref["probs"].argmax(1))),
-                       mean_abs_prob_diff=float(diff.mean()), max_abs_prob_diff=float(diff.max()),
-                       per_class_recall={c: v["recall"] for c, v in m["per_class"].items()},
-                       confusion_matrix=m["confusion_matrix"])
-        row["top5_k"] = min(5, len(class_names))
+        ref_row = rows[0] if rows else None
+        row.update(_scores(None if error else out["probs"], ref["probs"], labels, class_names, ref_row))
+        if heads:
+            row["heads"] = {h: _scores(None if error else out["heads"][h], ref["heads"][h], y, names,
+                                       ref_row and ref_row["heads"][h]) for h, (y, names) in heads.items()}
         row["gate"] = None
         rows.append(row)
     return rows
+
+
+def _output_error(probs: np.ndarray, ref: np.ndarray, where: str = "") -> str | None:
+    """Why an artifact's scores cannot be compared with the Keras model's, or None."""
+    if probs.shape != ref.shape:
+        return f"{where}outputs {probs.shape[1:]} scores per image, the Keras model {ref.shape[1:]}"
+    if not np.isfinite(probs).all():
+        return f"{where}outputs NaN or infinite scores"
+    return None
+
+
+def _scores(probs: np.ndarray | None, ref: np.ndarray, labels: np.ndarray, class_names: list[str],
+            ref_row: dict | None) -> dict:
+    """Accuracy of `probs` (None: not evaluated), its agreement and differences with the Keras scores `ref`."""
+    from edgetl.metrics import classification_metrics
+
+    scores = {"top5_k": min(5, len(class_names))}
+    if probs is None:
+        return {**scores, **dict.fromkeys(("top1", "top5", "delta_top1_pp", "agreement", "mean_abs_prob_diff",
+                                           "max_abs_prob_diff", "per_class_recall", "confusion_matrix"))}
+    m = classification_metrics(labels, probs, class_names)
+    diff = np.abs(probs.astype(np.float64) - ref.astype(np.float64))
+    return {**scores, "top1": m["top1"], "top5": m["top5"],
+            "delta_top1_pp": 100.0 * (m["top1"] - ref_row["top1"]) if ref_row else 0.0,
+            "agreement": float(np.mean(probs.argmax(1) == ref.argmax(1))),
+            "mean_abs_prob_diff": float(diff.mean()), "max_abs_prob_diff": float(diff.max()),
+            "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()},
+            "confusion_matrix": m["confusion_matrix"]}
 
 
 def _file_facts(art: dict) -> dict:
@@ -255,7 +300,10 @@ def _file_facts(art: dict) -> dict:
 
 
 def check_gates(rows: list[dict], max_accuracy_drop: float | None, min_agreement: float | None) -> list[GateFailure]:
-    """Every (artifact, gate) that fails: top-1 drop vs Keras in pp, agreement with Keras, or no result at all."""
+    """Every (artifact, gate) that fails: top-1 drop vs Keras in pp, agreement with Keras, or no result at all.
+
+    Rows of a multi-task run are gated on every head (`heads`), each failure naming its head.
+    """
     ref = next(r for r in rows if r["reference"])
     failures = []
     for row in rows:
@@ -266,18 +314,29 @@ def check_gates(rows: list[dict], max_accuracy_drop: float | None, min_agreement
             failures.append(GateFailure(name, "evaluation", None, None, None,
                                         f"{name}: could not be evaluated ({row['error']})"))
             continue
-        drop = 100.0 * (ref["top1"] - row["top1"])
-        if max_accuracy_drop is not None and drop > max_accuracy_drop + _EPS:
-            failures.append(GateFailure(
-                name, "max_accuracy_drop", drop, max_accuracy_drop, drop - max_accuracy_drop,
-                f"{name}: top-1 {row['top1']:.2%} is {drop:.2f} pp below Keras ({ref['top1']:.2%}); "
-                f"max-accuracy-drop {max_accuracy_drop:g} pp exceeded by {drop - max_accuracy_drop:.2f} pp"))
-        agreement = row["agreement"]
-        if min_agreement is not None and agreement < min_agreement - _EPS:
-            failures.append(GateFailure(
-                name, "min_agreement", agreement, min_agreement, min_agreement - agreement,
-                f"{name}: agrees with Keras on {agreement:.2%} of images; min-agreement {min_agreement:.2%} "
-                f"missed by {100 * (min_agreement - agreement):.2f} pp"))
+        scored = [(h, row["heads"][h], ref["heads"][h]) for h in row["heads"]] if "heads" in row else [(None, row, ref)]
+        for head, scores, ref_scores in scored:
+            failures += _gate_failures(name, head, scores, ref_scores, max_accuracy_drop, min_agreement)
+    return failures
+
+
+def _gate_failures(name: str, head: str | None, row: dict, ref: dict, max_accuracy_drop: float | None,
+                   min_agreement: float | None) -> list[GateFailure]:
+    """The gates one artifact's scores (of one head) miss against the Keras scores `ref`."""
+    failures = []
+    what = f"{name} [{head}]" if head else name
+    drop = 100.0 * (ref["top1"] - row["top1"])
+    if max_accuracy_drop is not None and drop > max_accuracy_drop + _EPS:
+        failures.append(GateFailure(
+            name, "max_accuracy_drop", drop, max_accuracy_drop, drop - max_accuracy_drop,
+            f"{what}: top-1 {row['top1']:.2%} is {drop:.2f} pp below Keras ({ref['top1']:.2%}); "
+            f"max-accuracy-drop {max_accuracy_drop:g} pp exceeded by {drop - max_accuracy_drop:.2f} pp", head))
+    agreement = row["agreement"]
+    if min_agreement is not None and agreement < min_agreement - _EPS:
+        failures.append(GateFailure(
+            name, "min_agreement", agreement, min_agreement, min_agreement - agreement,
+            f"{what}: agrees with Keras on {agreement:.2%} of images; min-agreement {min_agreement:.2%} "
+            f"missed by {100 * (min_agreement - agreement):.2f} pp", head))
     return failures
 
 
@@ -358,7 +417,9 @@ def _report(run: RunDir, recipe, splits, cfg, rows, skipped, failures, choice, i
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run.path), "recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(),
         "data": {"source": splits.source, "root": splits.root, "split": "test", "images": int(len(images)),
-                 "image_size": int(images.shape[1]), "resize": recipe.data.resize, "classes": splits.class_names},
+                 "image_size": int(images.shape[1]), "resize": recipe.data.resize,
+                 "classes": splits.primary_class_names,
+                 **({"heads": {h.name: h.class_names for h in splits.heads}} if splits.heads else {})},
         "settings": {"threads": cfg.threads, "runs": cfg.runs, "warmup": cfg.warmup, "latency_batch": 1,
                      "latency_statistic": LATENCY_KEY, "throughput_batch": THROUGHPUT_BATCH,
                      "throughput_runs": throughput_runs(cfg.runs), "xnnpack": True,
@@ -444,7 +505,18 @@ def _worker(job_path: str) -> None:
     latency = runner.time_invoke(batch=1, runs=job["runs"], warmup=job["warmup"])
     peak = peak_rss_mb()  # load + batch-1 inference: what serving one image at a time costs
     step = job["batch_size"]
-    probs = np.concatenate([runner.predict(images[i:i + step]) for i in range(0, len(images), step)])
+    heads = job.get("heads") or []
+    if heads:
+        missing = [h for h in heads if h not in runner.output_names]
+        if missing:
+            raise RuntimeError(f"no output named {', '.join(missing)}: the artifact's outputs are "
+                               f"{runner.output_names}, the run's heads {heads}")
+        chunks = [runner.predict_all(images[i:i + step]) for i in range(0, len(images), step)]
+        by_head = {h: np.concatenate([c[h] for c in chunks]).astype(np.float32) for h in heads}
+        np.savez(out / "heads.npz", **by_head)
+        probs = by_head[heads[0]]
+    else:
+        probs = np.concatenate([runner.predict(images[i:i + step]) for i in range(0, len(images), step)])
     throughput, throughput_error = None, None
     try:
         stats = runner.time_invoke(batch=THROUGHPUT_BATCH, runs=throughput_runs(job["runs"]), warmup=1)
