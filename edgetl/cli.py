@@ -413,9 +413,12 @@ def embed(model: Path, c_header, var_name, json_out):
 @click.option("--xnnpack", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
               help="TFLite XNNPACK delegate modes to time.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Images (class folders) for accuracy.")
+@click.option("--resize", type=click.Choice(["plain", "center_crop"]),
+              help="How --images are resized, as in the recipe's data.resize. [default: the run's recipe, else plain]")
 @JSON_OUT
 @friendly_errors
-def bench(target, export_runner, remote, identity, remote_python, threads, runs, warmup, xnnpack, images, json_out):
+def bench(target, export_runner, remote, identity, remote_python, threads, runs, warmup, xnnpack, images, resize,
+          json_out):
     """TensorFlow-free latency/accuracy of a .tflite/.onnx, every artifact of a run, or on a device.
 
     TARGET is a model file or a run directory (all its exports; adds an `edge` section to the
@@ -438,7 +441,8 @@ def bench(target, export_runner, remote, identity, remote_python, threads, runs,
         return
     if target is None:
         raise click.UsageError("give a model file or a run directory (or --export-runner PATH)")
-    options = BenchOptions(threads=parse_threads(threads), runs=runs, warmup=warmup, xnnpack=xnnpack, images=images)
+    options = BenchOptions(threads=parse_threads(threads), runs=runs, warmup=warmup, xnnpack=xnnpack, images=images,
+                           resize=resize or _recipe_resize(target))
     try:
         if target.is_dir():
             doc = bench_run_dir(target, options)
@@ -458,6 +462,17 @@ def bench(target, export_runner, remote, identity, remote_python, threads, runs,
     write_json(json_out, doc)
     if failed:
         raise click.ClickException(f"{len(failed)} artifact(s) failed: " + ", ".join(a.get("name", "?") for a in failed))
+
+
+def _recipe_resize(target: Path | None) -> str:
+    """The resize mode of the run TARGET belongs to (a run directory or a file in its exports/), else plain."""
+    from edgetl.rundir import RunDir
+
+    for folder in ([target, target.parent.parent] if target else []):
+        run = RunDir(folder)
+        if run.recipe_path.is_file():
+            return run.load_recipe().data.resize
+    return "plain"
 
 
 def main():

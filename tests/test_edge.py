@@ -304,3 +304,18 @@ def test_sweep_without_validation_writes_its_own_report(art, tmp_path):
     assert read_json(run / "validation" / "edge_report.json") == {"edge": json.loads(json.dumps(section))}
     with pytest.raises(FileNotFoundError, match="export the run first"):
         bench_run_dir(tmp_path / "not-a-run")
+
+
+def test_bench_decodes_images_as_the_run_recipe_says(tmp_path):
+    import yaml
+    from conftest import tiny_recipe_dict
+
+    from edgetl.cli import _recipe_resize
+
+    run = tmp_path / "run"
+    (run / "exports").mkdir(parents=True)
+    raw = tiny_recipe_dict(tmp_path, data={"resize": "center_crop"})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert _recipe_resize(run) == "center_crop"
+    assert _recipe_resize(run / "exports" / "tflite-int8.tflite") == "center_crop"
+    assert _recipe_resize(tmp_path / "loose.tflite") == "plain"
