@@ -200,7 +200,8 @@ def run_cmd(recipe: Path, data_dir, out_root: Path, overrides, run_dir):
     """
     from edgetl.pipeline import run_pipeline
 
-    result = run_pipeline(recipe, overrides, data_dir=data_dir, run_dir=run_dir, out_root=out_root, echo=echo)
+    result = run_pipeline(recipe, overrides, data_dir=data_dir, run_dir=run_dir, out_root=out_root, echo=echo,
+                          isolate=True)
     echo(f"run directory: {result.run_dir}")
     if not result.passed:
         sys.exit(1)

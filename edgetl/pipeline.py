@@ -58,8 +58,12 @@ def resolve_data_source(recipe, data_dir=None) -> None:
 
 
 def run_pipeline(recipe_path, overrides=(), data_dir=None, run_dir=None, out_root="models",
-                 echo=print) -> PipelineResult:
-    """Train, export and validate RECIPE into one run directory, skipping stages that already finished."""
+                 echo=print, isolate: bool = False) -> PipelineResult:
+    """Train, export and validate RECIPE into one run directory, skipping stages that already finished.
+
+    `isolate` runs each stage in a fresh process (the run directory carries everything between them), so
+    peak memory is the largest stage's, not their sum; `echo` must then be picklable (e.g. `print`).
+    """
     from edgetl.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
@@ -81,7 +85,7 @@ def run_pipeline(recipe_path, overrides=(), data_dir=None, run_dir=None, out_roo
         _clear_from(run, stage, marker, echo)
         echo(f"== {stage}")
         start = time.perf_counter()
-        outcome = _STAGE_RUNNERS[stage](recipe, run, echo)
+        outcome = run_isolated(stage, recipe, run, echo) if isolate else _STAGE_RUNNERS[stage](recipe, run, echo)
         if stage == "validate":
             result.validation = outcome
         marker["stages"][stage] = {"fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 1),
@@ -117,6 +121,24 @@ def _validate(recipe, run: RunDir, echo):
 
 
 _STAGE_RUNNERS = {"train": _train, "export": _export, "validate": _validate}
+
+
+def run_isolated(stage: str, recipe, run: RunDir, echo):
+    """Run one stage in a spawned process and return its result; its exceptions are re-raised here."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        outcome = pool.apply(_run_stage, (stage, recipe, run.path, echo))
+    if stage == "validate":
+        from edgetl.validate import load_validation
+
+        return load_validation(run.path)
+    return outcome
+
+
+def _run_stage(stage: str, recipe, run_path: Path, echo) -> None:
+    """The child's side of `run_isolated` (results stay in the run directory)."""
+    _STAGE_RUNNERS[stage](recipe, RunDir(run_path), echo)
 
 
 def stage_outputs(run: RunDir, stage: str) -> list[Path]:

@@ -159,6 +159,8 @@ class ExportConfig:
                                                         "(uint8 takes camera bytes directly).")
     representative_samples: int = opt(200, "Training images used to calibrate int8 quantization.", min=1)
     opset: int = opt(17, "ONNX opset.", min=13, max=21)
+    batch_size: Optional[int] = opt(None, "Batch size of the QAT and pruning fine-tunes (null: data.batch_size); "
+                                          "smaller bounds their memory, which the fake-quant graph multiplies.", min=1)
     qat: FinetuneConfig = opt(None, "Quantization-aware training fine-tune.", factory=FinetuneConfig)
     pruning: PruningConfig = opt(None, "Magnitude pruning fine-tune.", factory=PruningConfig)
 

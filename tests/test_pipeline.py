@@ -112,6 +112,23 @@ def test_interrupted_stage_is_cleaned_and_restarted(first, recipe_path, monkeypa
     assert set(read_json(run.path / MARKER)["stages"]) == set(STAGES)
 
 
+def test_isolated_stage_runs_in_its_own_process_and_reraises_its_errors(first, recipe_path, tmp_path):
+    run = first["run"]
+    marker = read_json(run.path / MARKER)
+    del marker["stages"]["validate"]
+    (run.path / MARKER).write_text(json.dumps(marker))
+    resumed = run_pipeline(recipe_path, out_root=first["out"], echo=print, isolate=True)
+    assert resumed.ran == ["validate"] and resumed.passed
+    assert resumed.validation.report["artifacts"][1]["agreement"] == 1.0
+    assert resumed.validation.report["created"] != first["result"].validation.report["created"]  # re-validated
+    bad = tmp_path / "bad.yaml"  # a data error raised in the child surfaces here, as the same exception type
+    bad.write_text(recipe_path.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(Exception, match="no class folders found") as info:
+        run_pipeline(bad, data_dir=tmp_path / "nothing", out_root=tmp_path / "m", echo=print, isolate=True)
+    assert type(info.value).__module__.startswith("edgetl")
+
+
 def test_interrupted_training_starts_the_run_over(first, tmp_path, recipe_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(first["run"].path, run_dir)
