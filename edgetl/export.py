@@ -14,7 +14,8 @@ fine-tune, then full integer; see `edgetl.optimize`); pruned_int8 (magnitude pru
 with zero point 0, so pruned zeros stay exactly zero and the sparsity survives without a second,
 prune-preserving QAT fine-tune). ONNX (tf2onnx, opset `export.opset`, input `image`, dynamic batch):
 fp32; int8 (onnxruntime static QDQ quantization after quant_pre_process, per-channel 8-bit weights, 8-bit
-activations, MinMax-calibrated on the same images; unsigned 8-bit for both, see `quantize_onnx_static`); qat_int8 (the QAT model through tf2onnx; recorded
+activations, MinMax-calibrated on the same images; unsigned 8-bit for both, see `quantize_onnx_static`);
+qat_int8 (the QAT model through tf2onnx; recorded
 as not_supported while tf2onnx folds the per-channel weight fake-quant into float weights).
 
 Flattened, QAT and pruned Keras models are intermediate: they live in memory only (rebuilt from
@@ -68,7 +69,7 @@ from typing import Callable
 import numpy as np
 
 from edgetl.recipe import ONNX_VARIANTS, TFLITE_VARIANTS
-from edgetl.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from edgetl.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json, write_labels
 
 FORMATS = {"tflite": TFLITE_VARIANTS, "onnx": ONNX_VARIANTS}
 EXTENSIONS = {"tflite": ".tflite", "onnx": ".onnx"}
@@ -607,11 +608,9 @@ def export_run(run_dir, tflite: list[str] | None = None, onnx: list[str] | None 
     manifest = _start_manifest(run, recipe)
     failed = []
     with Sources(run, echo) as sources:
-        atomic_write_text(out_dir / "labels.txt", "\n".join(sources.labels) + "\n")
-        for head, names in sources.head_labels.items():
-            atomic_write_text(out_dir / run.head_labels_path(head).name, "\n".join(names) + "\n")
-        if sources.head_labels:
-            manifest["head_labels"] = {head: run.head_labels_path(head).name for head in sources.head_labels}
+        head_files = write_labels(out_dir, sources.labels, sources.head_labels)
+        if head_files:
+            manifest["head_labels"] = head_files
         for fmt, variants in (("tflite", tflite), ("onnx", onnx)):
             for variant in variants:
                 echo(f"exporting {fmt}-{variant} ...")

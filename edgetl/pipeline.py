@@ -124,16 +124,17 @@ _STAGE_RUNNERS = {"train": _train, "export": _export, "validate": _validate}
 
 
 def run_isolated(stage: str, recipe, run: RunDir, echo):
-    """Run one stage in a spawned process and return its result; its exceptions are re-raised here."""
+    """Run one stage in a spawned process; its exceptions are re-raised here. Returns the validation for
+    `validate` (read back from the run directory), else None."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        outcome = pool.apply(_run_stage, (stage, recipe, run.path, echo))
+        pool.apply(_run_stage, (stage, recipe, run.path, echo))
     if stage == "validate":
         from edgetl.validate import load_validation
 
         return load_validation(run.path)
-    return outcome
+    return None
 
 
 def _run_stage(stage: str, recipe, run_path: Path, echo) -> None:

@@ -62,6 +62,26 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+def head_labels_name(head: str) -> str:
+    """File name of a multi-task head's class names."""
+    return f"labels_{head}.txt"
+
+
+def write_labels(folder: str | os.PathLike, primary: list[str], heads: dict[str, list[str]]) -> dict[str, str]:
+    """Write labels.txt and one labels_<head>.txt per multi-task head into `folder`; returns {head: file name}."""
+    folder = Path(folder)
+    atomic_write_text(folder / "labels.txt", "\n".join(primary) + "\n")
+    files = {head: head_labels_name(head) for head in heads}
+    for head, names in heads.items():
+        atomic_write_text(folder / files[head], "\n".join(names) + "\n")
+    return files
+
+
+def read_labels(path: Path) -> list[str]:
+    """Class names in index order from a labels file (one per line)."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -97,18 +117,17 @@ class RunDir:
     def labels(self) -> list[str]:
         """Class names in index order."""
         self.require(self.labels_path)
-        return [line for line in self.labels_path.read_text(encoding="utf-8").splitlines() if line]
+        return read_labels(self.labels_path)
 
     def head_labels_path(self, head: str) -> Path:
         """labels_<head>.txt: one multi-task head's class names in index order."""
-        return self.path / f"labels_{head}.txt"
+        return self.path / head_labels_name(head)
 
     def head_labels(self) -> dict[str, list[str]]:
         """{head: class names} of a multi-task run (recipe `model.heads`), in output order; {} for one head."""
         names = [h.name for h in self.load_recipe().model.heads]
         self.require(*(self.head_labels_path(n) for n in names))
-        return {n: [line for line in self.head_labels_path(n).read_text(encoding="utf-8").splitlines() if line]
-                for n in names}
+        return {n: read_labels(self.head_labels_path(n)) for n in names}
 
     def load_recipe(self):
         """The resolved recipe this run was trained with."""

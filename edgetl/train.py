@@ -27,7 +27,7 @@ from edgetl.distribute import (describe, is_chief, make_strategy, mixed_precisio
                                worker_cache_dir)
 from edgetl.metrics import classification_metrics, head_metrics
 from edgetl.recipe import Recipe
-from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text
+from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text, write_labels
 
 
 @dataclass
@@ -367,9 +367,7 @@ def write_run(run: RunDir, recipe: Recipe, splits: DatasetSplits, trainer: Train
     from edgetl.plots import plot_confusion_matrix, plot_training_curves
 
     atomic_write_text(run.recipe_path, recipe.to_yaml())
-    atomic_write_text(run.labels_path, "\n".join(splits.primary_class_names) + "\n")
-    for head in splits.heads:
-        atomic_write_text(run.head_labels_path(head.name), "\n".join(head.class_names) + "\n")
+    write_labels(run.path, splits.primary_class_names, {head.name: head.class_names for head in splits.heads})
     with atomic_path(run.model_path) as tmp:
         trainer.clf.model.save(tmp)
     atomic_write_json(run.history_path, trainer.history)
