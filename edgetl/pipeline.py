@@ -127,9 +127,15 @@ def run_isolated(stage: str, recipe, run: RunDir, echo):
     """Run one stage in a spawned process; its exceptions are re-raised here. Returns the validation for
     `validate` (read back from the run directory), else None."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(_run_stage, (stage, recipe, run.path, echo))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            pool.submit(_run_stage, stage, recipe, run.path, echo).result()
+        except BrokenProcessPool:  # killed (e.g. out of memory): a multiprocessing.Pool would wait forever
+            raise PipelineError(f"the {stage} stage's process ended without finishing (killed, e.g. out of "
+                                f"memory); run the same command again to redo it from a clean state") from None
     if stage == "validate":
         from edgetl.validate import load_validation
 
