@@ -55,6 +55,9 @@ def _effnet_file(tag: str) -> Callable[[float, int], str]:
     return lambda alpha, size: f"{tag}_notop.h5"
 
 
+# Name of the classifier's pooled-features layer (the head's input; what pruning distillation matches).
+POOL_LAYER = "pool"
+
 _EFF_FEATURES = ("block2a_expand_activation", "block3a_expand_activation", "block4a_expand_activation",
                  "block6a_expand_activation", "top_activation")
 
@@ -168,7 +171,7 @@ def build_classifier(num_classes: int | dict[str, int], backbone: str = "mobilen
     image = keras.Input((size, size, 3), name="image")
     x = L.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(image) if spec.external_preprocessing else image
     x = base(x, training=False)
-    pool = L.GlobalAveragePooling2D(name="pool") if pooling == "avg" else L.GlobalMaxPooling2D(name="pool")
+    pool = L.GlobalAveragePooling2D(name=POOL_LAYER) if pooling == "avg" else L.GlobalMaxPooling2D(name=POOL_LAYER)
     pooled = pool(x)
     trunk = [L.Dropout(dropout, seed=seed, name="dropout")]
     trunk += [L.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]

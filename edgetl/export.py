@@ -10,7 +10,8 @@ Variants. TFLite: fp32; fp16 (float16 weights); dynamic (int8 weights, float act
 integer, calibrated on `export.representative_samples` training images, input/output type `export.io`);
 qat_int8 (flattened model, quantizer ranges calibrated on the same images, quantization-aware
 fine-tune, then full integer; see `edgetl.optimize`); pruned_int8 (magnitude pruning to
-`export.pruning.target_sparsity`, then post-training full integer: TFLite's int8 weights are symmetric
+`export.pruning.target_sparsity`, spread over layers by `allocation` and fine-tuned by distillation
+from the float model (`edgetl.optimize.distill`), then post-training full integer: TFLite's int8 weights are symmetric
 with zero point 0, so pruned zeros stay exactly zero and the sparsity survives without a second,
 prune-preserving QAT fine-tune). ONNX (tf2onnx, opset `export.opset`, input `image`, dynamic batch):
 fp32; int8 (onnxruntime static QDQ quantization after quant_pre_process, per-channel 8-bit weights, 8-bit
@@ -63,6 +64,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -296,7 +298,7 @@ class Sources:
     def _pruned(self):
         import tensorflow_model_optimization as tfmot
 
-        from edgetl.optimize import PruningPlan, finetune, prune, sparsity_report, strip_pruning
+        from edgetl.optimize import PruningPlan, distill, finetune, prune, sparsity_report, strip_pruning
 
         self._require_single_head("pruning")
         cfg = self.recipe.export.pruning
@@ -304,14 +306,17 @@ class Sources:
         t0 = time.perf_counter()
         train, val, steps = self.finetune_data()
         plan = PruningPlan.for_training(cfg.target_sparsity, steps, cfg.epochs)
-        self.echo(f"pruning to {cfg.target_sparsity:.0%} sparsity: {cfg.epochs} epochs at lr {cfg.learning_rate:g} "
+        self.echo(f"pruning to {cfg.target_sparsity:.0%} sparsity ({cfg.allocation} allocation): {cfg.epochs} epochs "
+                  f"at lr {cfg.learning_rate:g}{', distilled from the float model' if cfg.distill else ''} "
                   f"(target reached at step {plan.end_step})")
-        model = prune(flat, plan)
-        history = finetune(model, train, val, cfg.epochs, cfg.learning_rate,
-                           callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+        model = prune(flat, plan, cfg.allocation)
+        fit = partial(distill, teacher=flat) if cfg.distill else finetune
+        history = fit(model, train_ds=train, val_ds=val, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                      callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
         stripped = strip_pruning(model)
         report = sparsity_report(stripped, cfg.target_sparsity)
-        self.preparation["pruning"] = {"target_sparsity": cfg.target_sparsity, "epochs": cfg.epochs,
+        self.preparation["pruning"] = {"target_sparsity": cfg.target_sparsity, "allocation": cfg.allocation,
+                                       "distill": cfg.distill, "epochs": cfg.epochs,
                                        "learning_rate": cfg.learning_rate, "end_step": plan.end_step,
                                        "frequency": plan.frequency, "achieved": report["overall"],
                                        "history": history, "seconds": round(time.perf_counter() - t0, 2)}

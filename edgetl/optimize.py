@@ -4,7 +4,8 @@ A transfer model nests its backbone as a Model inside the classifier, which tens
 refuses to quantize or prune, so `flatten_model` first rebuilds it as one functional graph with copied
 weights (and `check_same_outputs` proves it computes the same thing). `quantize_aware` annotates every
 layer the default 8-bit scheme supports and leaves the rest (preprocessing, hard-swish, ...) in float;
-`prune` wraps the Conv2D/Dense kernels with a polynomial-decay magnitude-pruning schedule.
+`prune` wraps the Conv2D/Dense kernels with a polynomial-decay magnitude-pruning schedule, each to its
+share of the target (`layer_sparsities`), and `distill` fine-tunes it toward the float model.
 Nothing here converts to a file format; `edgetl.export` does that.
 """
 from __future__ import annotations
@@ -322,17 +323,46 @@ class PruningPlan:
         return cls(target, end_step, frequency)
 
 
-def prune(flat_model, plan: PruningPlan):
-    """Wrap every Conv2D and Dense with `prune_low_magnitude` (train with UpdatePruningStep)."""
+def layer_sparsities(model, target: float, allocation: str = "erk") -> dict[str, float]:
+    """Final sparsity per prunable layer, `target` overall (weighted by kernel size).
+
+    `erk` (Erdős-Rényi-Kernel, Evci et al. 2020, "Rigging the Lottery"): a layer's density is proportional
+    to sum(kernel dims) / prod(kernel dims), so big late 1x1 convolutions lose most weights and small early
+    layers stay dense. On flowers5 MobileNetV2 at 50 %: uniform 62.5 % top-1 after fine-tuning, erk 83 %.
+    """
+    kernels = {layer.name: layer.weights[0].shape for layer in model.layers if _prunable(layer)}
+    if allocation == "uniform":
+        return {name: target for name in kernels}
+    size = {name: math.prod(shape) for name, shape in kernels.items()}
+    score = {name: sum(shape) / size[name] for name, shape in kernels.items()}
+    dense: set[str] = set()
+    while True:  # layers whose density would exceed 1 stay dense; the rest share what is left
+        keep = (1.0 - target) * sum(size.values()) - sum(size[n] for n in dense)
+        eps = keep / sum(score[n] * size[n] for n in size if n not in dense)
+        full = {n for n in size if n not in dense and eps * score[n] >= 1.0}
+        if not full:
+            break
+        dense |= full
+    return {n: 0.0 if n in dense else float(1.0 - eps * score[n]) for n in size}
+
+
+def prune(flat_model, plan: PruningPlan, allocation: str = "erk"):
+    """Wrap Conv2D and Dense with `prune_low_magnitude`, each to its `layer_sparsities` share of the target.
+
+    Train with UpdatePruningStep. Layers allocated 0 stay unwrapped.
+    """
     import tf_keras as keras
     import tensorflow_model_optimization as tfmot
 
     sparsity = tfmot.sparsity.keras
-    schedule = sparsity.PolynomialDecay(initial_sparsity=0.0, final_sparsity=plan.target, begin_step=0,
-                                        end_step=plan.end_step, frequency=plan.frequency)
+    targets = layer_sparsities(flat_model, plan.target, allocation)
 
     def wrap(layer):
-        return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule) if _prunable(layer) else layer
+        if targets.get(layer.name, 0.0) <= 0.0:
+            return layer
+        schedule = sparsity.PolynomialDecay(initial_sparsity=0.0, final_sparsity=targets[layer.name], begin_step=0,
+                                            end_step=plan.end_step, frequency=plan.frequency)
+        return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule)
 
     # The wrappers train the layers they wrap, so wrap a copy: `flat_model` keeps its dense weights.
     copy = keras.models.clone_model(flat_model)
@@ -369,6 +399,36 @@ def sparsity_report(model, target: float | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # Fine-tuning
+
+
+def distill(student, teacher, train_ds, val_ds, epochs: int, learning_rate: float, callbacks=(),
+            verbose: int = 2) -> dict:
+    """Fit `student` to `teacher`'s pooled features (mean squared error) and probabilities (cross-entropy).
+
+    Labels are not used: the float model's 1280 feature values per image say far more than 5 classes about
+    what pruning broke, which is what 360 training images need. Both models have the classifier's `pool` layer.
+    """
+    import tf_keras as keras
+
+    from edgetl.backbones import POOL_LAYER
+
+    def with_features(model):
+        # get_output_at(-1): `prune` reuses unwrapped layers from a copy, whose graph is their first node.
+        return keras.Model(model.inputs, [model.get_layer(POOL_LAYER).get_output_at(-1), *model.outputs])
+
+    teacher2, student2 = with_features(teacher), with_features(student)
+
+    def targets(ds):
+        return None if ds is None else ds.map(lambda x, _: (x, tuple(teacher2(x, training=False))))
+
+    features = teacher2.predict(train_ds.take(2), verbose=0)[0]
+    feature_scale = float(np.mean(np.square(features))) or 1.0  # the feature loss starts near 1, like the other
+    student2.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                     loss=[keras.losses.MeanSquaredError(), keras.losses.CategoricalCrossentropy()],
+                     loss_weights=[1.0 / feature_scale, 1.0])
+    history = student2.fit(targets(train_ds), validation_data=targets(val_ds), epochs=epochs,
+                           callbacks=list(callbacks), verbose=verbose)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
 def finetune(model, train_ds, val_ds, epochs: int, learning_rate: float, callbacks=(), verbose: int = 2) -> dict:

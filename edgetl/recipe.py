@@ -144,6 +144,12 @@ class PruningConfig:
     epochs: int = opt(3, "Fine-tuning epochs while pruning.", min=1, max=100)
     learning_rate: float = opt(1e-4, "Learning rate (pruning needs more than QAT to recover).", min=0.0, max=1.0,
                                min_exclusive=True)
+    allocation: Literal["erk", "uniform"] = opt("erk", "How target_sparsity spreads over layers: erk "
+                                                "(Erdős-Rényi-Kernel: big layers pruned harder, small ones kept "
+                                                "denser; same overall sparsity) or uniform (every layer at the "
+                                                "target).")
+    distill: bool = opt(True, "Fine-tune toward the float model's pooled features and probabilities (knowledge "
+                              "distillation) rather than toward the labels alone.")
 
 
 TFLITE_VARIANTS = ("fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8")

@@ -1,4 +1,4 @@
-"""Model preparation helpers: the pruning schedule, the flattening check and quantizer range calibration."""
+"""Model preparation helpers: pruning schedule and allocation, distillation, flattening check, quantizer ranges."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,6 +31,52 @@ def test_pruning_plan_reaches_the_target_on_a_mask_update_step():
     assert (short.end_step, short.frequency) == (1, 1)
     long = opt.PruningPlan.for_training(0.5, steps_per_epoch=1000, epochs=10)
     assert long.frequency == 100 and long.end_step == 7500
+
+
+def sized(widths=(4, 16, 64)):
+    """Conv stack of growing 1x1 layers (conv_4, conv_16, ...) -> pool -> 2-way softmax."""
+    import tf_keras as keras
+
+    image = keras.Input((8, 8, 3), name="image")
+    x = image
+    for w in widths:
+        x = keras.layers.Conv2D(w, 1, activation="relu", name=f"conv_{w}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(image, keras.layers.Dense(2, activation="softmax", name="predictions")(x))
+
+
+def test_erk_allocation_meets_the_target_overall_and_prunes_big_layers_harder():
+    model = sized()
+    sizes = {"conv_4": 12, "conv_16": 64, "conv_64": 1024, "predictions": 128}
+    erk = opt.layer_sparsities(model, 0.8, "erk")
+    assert set(erk) == set(sizes)
+    zeros = sum(erk[n] * sizes[n] for n in sizes)
+    assert zeros / sum(sizes.values()) == pytest.approx(0.8)
+    assert erk["conv_4"] == 0.0  # its density would exceed 1: kept dense, the others carry the target
+    assert erk["conv_64"] > erk["conv_16"] > erk["predictions"] > 0.0
+    assert opt.layer_sparsities(model, 0.5, "uniform") == {n: 0.5 for n in sizes}
+
+
+def test_distill_pulls_the_pruned_student_toward_the_teacher():
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    teacher = sized()
+    student = opt.prune(teacher, opt.PruningPlan(0.5, end_step=1, frequency=1))
+    images = np.random.default_rng(0).uniform(0, 255, (32, 8, 8, 3)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((images, np.zeros(32, np.int32))).batch(8)
+
+    def gap():
+        return float(np.abs(student.predict(images, verbose=0) - teacher.predict(images, verbose=0)).mean())
+
+    opt.distill(student, teacher, ds, None, epochs=1, learning_rate=1e-9,  # sets the masks, barely trains
+                callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
+    before = gap()
+    history = opt.distill(student, teacher, ds, None, epochs=20, learning_rate=1e-2,
+                          callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
+    assert set(history) == {"loss", "pool_loss", "predictions_loss"}
+    assert gap() < 0.5 * before
+    assert opt.sparsity_report(opt.strip_pruning(student), 0.5)["overall"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_check_same_outputs_refuses_a_different_model():
