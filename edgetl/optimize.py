@@ -316,10 +316,10 @@ class PruningPlan:
 
     @classmethod
     def for_training(cls, target: float, steps_per_epoch: int, epochs: int) -> "PruningPlan":
-        """Reach the target after ~3/4 of the fine-tuning steps; the last quarter recovers accuracy."""
+        """Reach the target halfway through the fine-tune; the second half recovers accuracy."""
         total = max(1, steps_per_epoch * epochs)
         frequency = max(1, min(100, total // 20))
-        end_step = max(frequency, (int(total * 0.75) // frequency) * frequency)
+        end_step = max(frequency, (total // 2 // frequency) * frequency)
         return cls(target, end_step, frequency)
 
 
@@ -357,17 +357,27 @@ def prune(flat_model, plan: PruningPlan, allocation: str = "erk"):
     sparsity = tfmot.sparsity.keras
     targets = layer_sparsities(flat_model, plan.target, allocation)
 
+    wrapped = []
+
     def wrap(layer):
         if targets.get(layer.name, 0.0) <= 0.0:
             return layer
         schedule = sparsity.PolynomialDecay(initial_sparsity=0.0, final_sparsity=targets[layer.name], begin_step=0,
                                             end_step=plan.end_step, frequency=plan.frequency)
-        return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule)
+        wrapped.append(sparsity.prune_low_magnitude(layer, pruning_schedule=schedule))
+        return wrapped[-1]
 
     # The wrappers train the layers they wrap, so wrap a copy: `flat_model` keeps its dense weights.
     copy = keras.models.clone_model(flat_model)
     copy.set_weights(flat_model.get_weights())
-    return keras.models.clone_model(copy, clone_function=wrap)
+    pruned = keras.models.clone_model(copy, clone_function=wrap)
+    # Layers before the first pruned one compute what they did: freezing them ends backpropagation there
+    # (ERK leaves MobileNetV2's high-resolution blocks dense, so a fine-tune step costs about half).
+    for layer in pruned.layers:
+        if layer in wrapped:
+            break
+        layer.trainable = False
+    return pruned
 
 
 def _prunable(layer) -> bool:

@@ -26,11 +26,11 @@ def tiny(seed: int, nested: bool = False):
 
 def test_pruning_plan_reaches_the_target_on_a_mask_update_step():
     plan = opt.PruningPlan.for_training(0.5, steps_per_epoch=13, epochs=2)
-    assert plan.end_step % plan.frequency == 0 and plan.end_step <= 26 * 0.75
+    assert plan.end_step % plan.frequency == 0 and plan.end_step <= 26 * 0.5
     short = opt.PruningPlan.for_training(0.75, steps_per_epoch=1, epochs=1)
     assert (short.end_step, short.frequency) == (1, 1)
     long = opt.PruningPlan.for_training(0.5, steps_per_epoch=1000, epochs=10)
-    assert long.frequency == 100 and long.end_step == 7500
+    assert long.frequency == 100 and long.end_step == 5000
 
 
 def sized(widths=(4, 16, 64)):
@@ -63,6 +63,8 @@ def test_distill_pulls_the_pruned_student_toward_the_teacher():
 
     teacher = sized()
     student = opt.prune(teacher, opt.PruningPlan(0.5, end_step=1, frequency=1))
+    # erk at 50 % prunes conv_64 alone here; what comes before it is frozen (nothing there changed)
+    assert [layer.name for layer in student.layers if not layer.trainable] == ["image", "conv_4", "conv_16"]
     images = np.random.default_rng(0).uniform(0, 255, (32, 8, 8, 3)).astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((images, np.zeros(32, np.int32))).batch(8)
 
