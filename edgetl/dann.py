@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from edgetl.backbones import POOL_LAYER
 from edgetl.data import DatasetError, Sample, Skipped, check_image, load_splits, scan_class_folders, make_dataset
 from edgetl.distribute import describe
 from edgetl.edge.images import is_image_file
@@ -180,7 +181,7 @@ def assemble_classifier(clf, head):
     x = image
     for layer in clf.model.layers[1:]:
         x = layer(x, training=False) if layer is clf.backbone else layer(x)
-        if layer.name == "pool":
+        if layer.name == POOL_LAYER:
             break
     for layer in head.layers[1:]:
         x = layer(x)
