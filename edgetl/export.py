@@ -10,14 +10,14 @@ Variants. TFLite: fp32; fp16 (float16 weights); dynamic (int8 weights, float act
 integer, calibrated on `export.representative_samples` training images, input/output type `export.io`);
 qat_int8 (flattened model, quantizer ranges calibrated on the same images, quantization-aware
 fine-tune, then full integer; see `edgetl.optimize`); pruned_int8 (magnitude pruning to
-`export.pruning.target_sparsity`, spread over layers by `allocation` and fine-tuned by distillation
-from the float model (`edgetl.optimize.distill`), then post-training full integer: TFLite's int8 weights are symmetric
-with zero point 0, so pruned zeros stay exactly zero and the sparsity survives without a second,
+`export.pruning.target_sparsity`, spread over layers by `allocation` and fine-tuned by distillation from
+the float model (`edgetl.optimize.distill`), then post-training full integer: TFLite's int8 weights are
+symmetric with zero point 0, so pruned zeros stay exactly zero and the sparsity survives without a second,
 prune-preserving QAT fine-tune). ONNX (tf2onnx, opset `export.opset`, input `image`, dynamic batch):
 fp32; int8 (onnxruntime static QDQ quantization after quant_pre_process, per-channel 8-bit weights, 8-bit
 activations, MinMax-calibrated on the same images; unsigned 8-bit for both, see `quantize_onnx_static`);
-qat_int8 (the QAT model through tf2onnx; recorded
-as not_supported while tf2onnx folds the per-channel weight fake-quant into float weights).
+qat_int8 (the QAT model through tf2onnx; recorded as not_supported while tf2onnx folds the per-channel
+weight fake-quant into float weights).
 
 Flattened, QAT and pruned Keras models are intermediate: they live in memory only (rebuilt from
 model.keras and the recipe in minutes), so exports/ holds only what ships.

@@ -328,7 +328,8 @@ def layer_sparsities(model, target: float, allocation: str = "erk") -> dict[str,
 
     `erk` (Erdős-Rényi-Kernel, Evci et al. 2020, "Rigging the Lottery"): a layer's density is proportional
     to sum(kernel dims) / prod(kernel dims), so big late 1x1 convolutions lose most weights and small early
-    layers stay dense. On flowers5 MobileNetV2 at 50 %: uniform 62.5 % top-1 after fine-tuning, erk 83 %.
+    layers stay dense. Flowers5 MobileNetV2 at 50 %, 2 label fine-tune epochs: uniform 62.5 % top-1 (as
+    pruned_int8), erk 83.0 % (pruned float model).
     """
     kernels = {layer.name: layer.weights[0].shape for layer in model.layers if _prunable(layer)}
     if allocation == "uniform":
@@ -372,7 +373,7 @@ def prune(flat_model, plan: PruningPlan, allocation: str = "erk"):
     copy.set_weights(flat_model.get_weights())
     pruned = keras.models.clone_model(copy, clone_function=wrap)
     # Layers before the first pruned one compute what they did: freezing them ends backpropagation there
-    # (ERK leaves MobileNetV2's high-resolution blocks dense, so a fine-tune step costs about half).
+    # (ERK leaves MobileNetV2's high-resolution blocks dense: 27-32 s an epoch at 224 px instead of 82 s).
     for layer in pruned.layers:
         if layer in wrapped:
             break
@@ -415,8 +416,8 @@ def distill(student, teacher, train_ds, val_ds, epochs: int, learning_rate: floa
             verbose: int = 2) -> dict:
     """Fit `student` to `teacher`'s pooled features (mean squared error) and probabilities (cross-entropy).
 
-    Labels are not used: the float model's 1280 feature values per image say far more than 5 classes about
-    what pruning broke, which is what 360 training images need. Both models have the classifier's `pool` layer.
+    Labels are not used: the float model's pooled features say far more than a label about what pruning
+    broke, which matters with a few hundred training images. Both models have the classifier's `pool` layer.
     """
     import tf_keras as keras
 
@@ -438,7 +439,7 @@ def distill(student, teacher, train_ds, val_ds, epochs: int, learning_rate: floa
                      loss_weights=[1.0 / feature_scale, 1.0])
     history = student2.fit(targets(train_ds), validation_data=targets(val_ds), epochs=epochs,
                            callbacks=list(callbacks), verbose=verbose)
-    return {k: [float(v) for v in values] for k, values in history.history.items()}
+    return _plain_history(history)
 
 
 def finetune(model, train_ds, val_ds, epochs: int, learning_rate: float, callbacks=(), verbose: int = 2) -> dict:
@@ -452,4 +453,9 @@ def finetune(model, train_ds, val_ds, epochs: int, learning_rate: float, callbac
         return {}
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=list(callbacks),
                         verbose=verbose)
+    return _plain_history(history)
+
+
+def _plain_history(history) -> dict:
+    """A Keras History as {metric: [float per epoch]} (JSON-ready)."""
     return {k: [float(v) for v in values] for k, values in history.history.items()}
