@@ -29,7 +29,7 @@ import numpy as np
 import edgetl
 from edgetl.edge.runtime import Runner, open_model, peak_rss_mb
 from edgetl.report import format_summary, format_table, write_report
-from edgetl.rundir import RunDir, atomic_write_json, read_json
+from edgetl.rundir import RunDir, atomic_write_json, load_keras_model, read_json
 
 __all__ = ["validate_run", "load_validation", "check_gates", "recommend", "pareto_front", "format_table",
            "format_summary", "ValidationResult", "GateFailure", "Recommendation", "ValidationError"]
@@ -471,7 +471,7 @@ class KerasRunner(Runner):
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)
         start = time.perf_counter()
-        self._model = keras.models.load_model(path, compile=False)
+        self._model = load_keras_model(path)
         self.load_time_s = time.perf_counter() - start
         self._call = tf.function(lambda x: self._model(x, training=False))
         self._tf, self._batch_size = tf, batch_size

@@ -101,6 +101,18 @@ def test_run_directory_contents(tiny_run):
     assert yaml.safe_load(run.recipe_path.read_text())["model"]["alpha"] == 0.35
 
 
+def test_load_model_equals_keras_loader(tiny_run):
+    import tf_keras as keras
+
+    run = RunDir(tiny_run.run_dir)
+    fast, reference = run.load_model(), keras.models.load_model(run.model_path, compile=False)
+    assert [w.name for w in fast.weights] == [w.name for w in reference.weights]
+    assert all(np.array_equal(a, b) for a, b in zip(fast.get_weights(), reference.get_weights()))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(fast(x, training=False), reference(x, training=False))
+    assert fast.optimizer is None
+
+
 def test_missing_imagenet_weights_is_a_clear_error(monkeypatch, tmp_path):
     import tf_keras as keras
 
