@@ -100,12 +100,19 @@ class ModelConfig:
                                         "folders.", factory=list)
 
 
+def _stage_patience():
+    """The per-stage override of `train.early_stopping_patience`."""
+    return opt(None, "This stage's early-stopping patience (0 disables); null = train.early_stopping_patience.",
+               min=0)
+
+
 @dataclass
 class Stage1Config:
     epochs: int = opt(5, "Feature-extraction epochs (frozen backbone); 0 skips the stage.", min=0, max=1000)
     learning_rate: float = opt(1e-3, "Adam learning rate for the new head.", min=0.0, max=1.0, min_exclusive=True)
     cache_features: Optional[bool] = opt(None, "Run the backbone once and train the head on cached features; "
                                                "null = yes when there is no augmentation.")
+    early_stopping_patience: Optional[int] = _stage_patience()
 
 
 @dataclass
@@ -119,6 +126,7 @@ class Stage2Config:
                                                   "neither unfreeze_layers nor unfreeze_from is set).",
                                              min=0.0, max=1.0, min_exclusive=True)
     reduce_lr_on_plateau: bool = opt(False, "Halve the learning rate when validation loss stalls.")
+    early_stopping_patience: Optional[int] = _stage_patience()
 
 
 @dataclass
@@ -126,7 +134,8 @@ class TrainConfig:
     stage1: Stage1Config = opt(None, "Stage 1: feature extraction.", factory=Stage1Config)
     stage2: Stage2Config = opt(None, "Stage 2: fine-tuning.", factory=Stage2Config)
     early_stopping_patience: int = opt(3, "Stop a stage after this many epochs without val-loss improvement "
-                                          "(best weights restored); 0 disables.", min=0)
+                                          "(best weights restored); 0 disables. A stage's own setting wins.",
+                                       min=0)
     label_smoothing: float = opt(0.0, "Label smoothing for the cross-entropy loss.", min=0.0, max=0.5)
     class_weight: Literal["none", "balanced"] = opt("none", "`balanced` weighs classes by inverse frequency.")
 

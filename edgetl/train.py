@@ -95,12 +95,15 @@ def _compile(model, learning_rate: float, label_smoothing: float, heads=()) -> N
                   metrics={h.name: [keras.metrics.CategoricalAccuracy(name="accuracy")] for h in heads})
 
 
-def _callbacks(recipe: Recipe, has_val: bool, plateau: bool = False) -> list:
+def _callbacks(recipe: Recipe, stage, has_val: bool, plateau: bool = False) -> list:
+    """Early stopping (the stage's patience, else the recipe's) and optional plateau LR halving, given a val split."""
     import tf_keras as keras
 
     callbacks = []
-    if has_val and recipe.train.early_stopping_patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.train.early_stopping_patience,
+    patience = recipe.train.early_stopping_patience if stage.early_stopping_patience is None \
+        else stage.early_stopping_patience
+    if has_val and patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                                        restore_best_weights=True))
     if has_val and plateau:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, verbose=1))
@@ -203,7 +206,7 @@ class Trainer:
             self._compile(self.clf.model, cfg.learning_rate)
             history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                          class_weight=self.class_weight, verbose=_verbose(),
-                                         callbacks=_callbacks(self.recipe, self.val_ds is not None)).history
+                                         callbacks=_callbacks(self.recipe, cfg, self.val_ds is not None)).history
         self.history["stage1"] = _plain(history)
         self.timings["stage1_s"] = round(time.perf_counter() - t0, 2)
 
@@ -234,7 +237,7 @@ class Trainer:
         self._compile(self.clf.head, cfg.learning_rate)
         return self.clf.head.fit(feats, labels, batch_size=self.recipe.data.batch_size, epochs=cfg.epochs,
                                  validation_data=val, class_weight=self.class_weight, shuffle=True,
-                                 verbose=_verbose(), callbacks=_callbacks(self.recipe, val is not None)).history
+                                 verbose=_verbose(), callbacks=_callbacks(self.recipe, cfg, val is not None)).history
 
     def stage2(self) -> None:
         """Unfreeze the top of the backbone (BatchNorm stays frozen) and fine-tune at a low rate."""
@@ -253,7 +256,7 @@ class Trainer:
         self._compile(self.clf.model, cfg.learning_rate)
         history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                      class_weight=self.class_weight, verbose=_verbose(),
-                                     callbacks=_callbacks(self.recipe, self.val_ds is not None,
+                                     callbacks=_callbacks(self.recipe, cfg, self.val_ds is not None,
                                                           cfg.reduce_lr_on_plateau)).history
         self.history["stage2"] = _plain(history)
         self.timings["stage2_s"] = round(time.perf_counter() - t0, 2)

@@ -160,3 +160,15 @@ def test_flowers5_with_offline_imagenet_weights(tmp_path):
     result = train(recipe, data_dir=data, run_dir=tmp_path / "run", echo=quiet)
     assert result.metrics["weights_source"] == str(weights)
     assert result.metrics["test"]["top1"] >= 0.6, result.metrics["test"]["top1"]  # chance is 0.2
+
+
+def test_stage_patience_overrides_the_recipe_default(tiny_data):
+    from edgetl.train import _callbacks
+
+    recipe = recipe_from_dict(tiny_recipe_dict(str(tiny_data), train={
+        "early_stopping_patience": 4, "stage2": {"epochs": 1, "early_stopping_patience": 0}}))
+    stage1 = _callbacks(recipe, recipe.train.stage1, has_val=True)
+    assert [type(c).__name__ for c in stage1] == ["EarlyStopping"] and stage1[0].patience == 4
+    assert stage1[0].restore_best_weights
+    assert _callbacks(recipe, recipe.train.stage2, has_val=True) == []
+    assert _callbacks(recipe, recipe.train.stage1, has_val=False) == []
