@@ -27,6 +27,8 @@ def load_keras_model(path: str | os.PathLike):
     """
     import tf_keras as keras
 
+    if not zipfile.is_zipfile(path):
+        return keras.models.load_model(path, compile=False)  # not an archive: Keras's own error names the file
     with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="edgetl-model.") as tmp:
         if not {"config.json", "model.weights.h5"} <= set(archive.namelist()):
             return keras.models.load_model(path, compile=False)  # another layout: let Keras read it
