@@ -106,12 +106,19 @@ def _stage_patience():
                min=0)
 
 
+def _stage_schedule():
+    """The learning-rate schedule of one training stage."""
+    return opt("constant", "Learning rate over the stage: constant, or cosine (decays to 0 at the last "
+                           "epoch, so the final weights settle instead of wandering).")
+
+
 @dataclass
 class Stage1Config:
     epochs: int = opt(5, "Feature-extraction epochs (frozen backbone); 0 skips the stage.", min=0, max=1000)
     learning_rate: float = opt(1e-3, "Adam learning rate for the new head.", min=0.0, max=1.0, min_exclusive=True)
     cache_features: Optional[bool] = opt(None, "Run the backbone once and train the head on cached features; "
                                                "null = yes when there is no augmentation.")
+    schedule: Literal["constant", "cosine"] = _stage_schedule()
     early_stopping_patience: Optional[int] = _stage_patience()
 
 
@@ -125,7 +132,9 @@ class Stage2Config:
     unfreeze_fraction: Optional[float] = opt(0.3, "Unfreeze this top fraction of backbone layers (used when "
                                                   "neither unfreeze_layers nor unfreeze_from is set).",
                                              min=0.0, max=1.0, min_exclusive=True)
-    reduce_lr_on_plateau: bool = opt(False, "Halve the learning rate when validation loss stalls.")
+    schedule: Literal["constant", "cosine"] = _stage_schedule()
+    reduce_lr_on_plateau: bool = opt(False, "Halve the learning rate when validation loss stalls "
+                                            "(schedule: constant only).")
     early_stopping_patience: Optional[int] = _stage_patience()
 
 
@@ -407,6 +416,10 @@ def _check_cross_fields(obj: Any, source: str, path: str) -> None:
         chosen = [k for k in ("unfreeze_layers", "unfreeze_from") if getattr(obj, k) is not None]
         if len(chosen) > 1:
             raise RecipeError(f"{source}: {path}: set only one of unfreeze_layers / unfreeze_from")
+        if obj.reduce_lr_on_plateau and obj.schedule != "constant":
+            raise RecipeError(f"{source}: {path}.reduce_lr_on_plateau cannot be combined with "
+                              f"{path}.schedule: {obj.schedule}; set one of them (schedule: constant, or "
+                              f"reduce_lr_on_plateau: false)")
     if isinstance(obj, ModelConfig):
         from edgetl.backbones import BACKBONES
 
@@ -416,6 +429,9 @@ def _check_cross_fields(obj: Any, source: str, path: str) -> None:
             raise RecipeError(f"{source}: {path}.backbone = {obj.backbone!r} is not a known backbone; "
                               f"allowed values: {', '.join(BACKBONES)}.{hint}")
         _check_heads(obj.heads, source, f"{path}.heads")
+    if isinstance(obj, Recipe) and obj.adapt.target_data and obj.train.stage1.schedule != "constant":
+        raise RecipeError(f"{source}: train.stage1.schedule: {obj.train.stage1.schedule} is not supported with "
+                          f"adapt.target_data: domain adaptation anneals its own learning rate; use constant")
     if isinstance(obj, Recipe) and obj.model.heads:
         if obj.adapt.target_data:
             raise RecipeError(f"{source}: model.heads and adapt.target_data cannot be combined: domain adaptation "

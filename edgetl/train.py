@@ -81,8 +81,18 @@ def _loss(kind: str, label_smoothing: float):
     return cls(label_smoothing=label_smoothing)
 
 
-def _compile(model, learning_rate: float, label_smoothing: float, heads=()) -> None:
-    """Adam and cross-entropy; with recipe `heads`, each output gets its head's loss, weight and accuracy."""
+def stage_learning_rate(learning_rate: float, schedule: str, steps: int):
+    """The optimizer's rate for a stage of `steps` optimizer steps: a float, or cosine decay to 0 at the end."""
+    import tf_keras as keras
+
+    if schedule == "constant":
+        return learning_rate
+    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(steps), 1))
+
+
+def _compile(model, learning_rate, label_smoothing: float, heads=()) -> None:
+    """Adam (at a float rate or a schedule) and cross-entropy; with recipe `heads`, each output gets its
+    head's loss, weight and accuracy."""
     import tf_keras as keras
 
     if not heads:
@@ -197,21 +207,31 @@ class Trainer:
             self.echo("stage 1 (feature extraction): skipped (epochs: 0)")
             return
         cached = self.use_feature_cache()
-        self.echo(f"stage 1 (feature extraction): {cfg.epochs} epochs, "
-                  f"lr {self.learning_rate(cfg.learning_rate):g}, "
+        self.echo(f"stage 1 (feature extraction): {cfg.epochs} epochs, {self._describe_rate(cfg)}, "
                   f"{'cached backbone features' if cached else 'end to end, frozen backbone'}")
         if cached:
             history = self._fit_head_on_features(cfg)
         else:
-            self._compile(self.clf.model, cfg.learning_rate)
+            self._compile(self.clf.model, cfg, self._train_steps())
             history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                          class_weight=self.class_weight, verbose=_verbose(),
                                          callbacks=_callbacks(self.recipe, cfg, self.val_ds is not None)).history
         self.history["stage1"] = _plain(history)
         self.timings["stage1_s"] = round(time.perf_counter() - t0, 2)
 
-    def _compile(self, model, learning_rate: float) -> None:
-        _compile(model, self.learning_rate(learning_rate), self.recipe.train.label_smoothing, self.recipe.model.heads)
+    def _compile(self, model, cfg, steps_per_epoch: int) -> None:
+        """Compile for one stage: its (replica-scaled) rate under its schedule, over all of its epochs."""
+        rate = stage_learning_rate(self.learning_rate(cfg.learning_rate), cfg.schedule, cfg.epochs * steps_per_epoch)
+        _compile(model, rate, self.recipe.train.label_smoothing, self.recipe.model.heads)
+
+    def _train_steps(self) -> int:
+        """Optimizer steps per epoch over the (batched) training dataset."""
+        steps = int(self.train_ds.cardinality())
+        return steps if steps > 0 else -(-len(self.splits.train) // self.recipe.data.batch_size)
+
+    def _describe_rate(self, cfg) -> str:
+        lr = f"lr {self.learning_rate(cfg.learning_rate):g}"
+        return lr if cfg.schedule == "constant" else f"{lr} ({cfg.schedule} decay to 0)"
 
     def _one_hot_labels(self, samples):
         """One-hot labels of `samples`: an array, or {head: array} for a multi-task recipe."""
@@ -234,7 +254,7 @@ class Trainer:
         self.timings["feature_extraction_s"] = round(time.perf_counter() - t0, 2)
         self.echo(f"  backbone features for {len(feats)} train + {len(val[0]) if val else 0} val images "
                   f"in {self.timings['feature_extraction_s']:.1f}s")
-        self._compile(self.clf.head, cfg.learning_rate)
+        self._compile(self.clf.head, cfg, -(-len(feats) // self.recipe.data.batch_size))
         return self.clf.head.fit(feats, labels, batch_size=self.recipe.data.batch_size, epochs=cfg.epochs,
                                  validation_data=val, class_weight=self.class_weight, shuffle=True,
                                  verbose=_verbose(), callbacks=_callbacks(self.recipe, cfg, val is not None)).history
@@ -250,10 +270,10 @@ class Trainer:
         start = unfreeze(self.clf.backbone, cfg.unfreeze_layers, cfg.unfreeze_from,
                          None if (cfg.unfreeze_layers or cfg.unfreeze_from) else cfg.unfreeze_fraction)
         trainable = sum(1 for layer in self.clf.backbone.layers if layer.trainable and layer.weights)
-        self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, lr {self.learning_rate(cfg.learning_rate):g}, "
+        self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, {self._describe_rate(cfg)}, "
                   f"backbone layers {start}..{len(self.clf.backbone.layers) - 1} unfrozen ({trainable} with weights; "
                   f"BatchNorm frozen, inference mode)")
-        self._compile(self.clf.model, cfg.learning_rate)
+        self._compile(self.clf.model, cfg, self._train_steps())
         history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                      class_weight=self.class_weight, verbose=_verbose(),
                                      callbacks=_callbacks(self.recipe, cfg, self.val_ds is not None,

@@ -56,6 +56,15 @@ def test_bad_choice_lists_allowed_values(tmp_path):
         load_recipe(write(tmp_path, "data:\n  resize: centre_crop\n"))
 
 
+def test_cosine_schedule_conflicts_with_plateau_halving(tmp_path):
+    with pytest.raises(RecipeError, match=r"r\.yaml: train\.stage2\.reduce_lr_on_plateau cannot be combined with "
+                                          r"train\.stage2\.schedule: cosine"):
+        load_recipe(write(tmp_path, "train:\n  stage2: {schedule: cosine, reduce_lr_on_plateau: true}\n"))
+    assert load_recipe(write(tmp_path, "train:\n  stage2: {schedule: cosine}\n")).train.stage2.schedule == "cosine"
+    with pytest.raises(RecipeError, match=r"train\.stage1\.schedule: cosine is not supported with adapt\.target_data"):
+        load_recipe(write(tmp_path, "adapt: {target_data: /x}\ntrain:\n  stage1: {schedule: cosine}\n"))
+
+
 def test_unknown_export_variant_lists_valid_ones(tmp_path):
     with pytest.raises(RecipeError, match="unknown variant 'int4'.*fp32, fp16, dynamic, int8, qat_int8, pruned_int8"):
         load_recipe(write(tmp_path, "export:\n  tflite: [fp32, int4]\n"))

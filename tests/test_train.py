@@ -172,3 +172,25 @@ def test_stage_patience_overrides_the_recipe_default(tiny_data):
     assert stage1[0].restore_best_weights
     assert _callbacks(recipe, recipe.train.stage2, has_val=True) == []
     assert _callbacks(recipe, recipe.train.stage1, has_val=False) == []
+
+
+def test_cosine_schedule_decays_to_zero_over_exactly_the_stage(tiny_data):
+    """Both stages' cosine schedules span their epochs' optimizer steps: the rate reaches 0 at the last step."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_data, train={
+        "stage1": {"epochs": 2, "learning_rate": 0.01, "schedule": "cosine"},
+        "stage2": {"epochs": 2, "learning_rate": 1e-3, "schedule": "cosine"}}))
+    trainer = Trainer(recipe, load_splits(recipe), quiet)
+    for stage, model, lr in ((trainer.stage1, trainer.clf.head, 0.01), (trainer.stage2, trainer.clf.model, 1e-3)):
+        stage()
+        opt = model.optimizer
+        steps = int(opt.iterations.numpy())
+        batches = -(-len(trainer.splits.train) // recipe.data.batch_size)
+        assert steps == 2 * batches
+        schedule = opt.get_config()["learning_rate"]
+        assert schedule["class_name"] == "CosineDecay"
+        assert schedule["config"]["initial_learning_rate"] == pytest.approx(lr)
+        assert schedule["config"]["decay_steps"] == steps  # reaches 0 exactly at the stage's last step
+        assert float(opt.learning_rate) < lr * 0.2  # the rate the last steps ran at
