@@ -212,7 +212,7 @@ class Trainer:
         if cached:
             history = self._fit_head_on_features(cfg)
         else:
-            self._compile(self.clf.model, cfg, self._train_steps())
+            self._compile(self.clf.model, cfg, self._steps_per_epoch(len(self.splits.train)))
             history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                          class_weight=self.class_weight, verbose=_verbose(),
                                          callbacks=_callbacks(self.recipe, cfg, self.val_ds is not None)).history
@@ -224,12 +224,12 @@ class Trainer:
         rate = stage_learning_rate(self.learning_rate(cfg.learning_rate), cfg.schedule, cfg.epochs * steps_per_epoch)
         _compile(model, rate, self.recipe.train.label_smoothing, self.recipe.model.heads)
 
-    def _train_steps(self) -> int:
-        """Optimizer steps per epoch over the (batched) training dataset."""
-        steps = int(self.train_ds.cardinality())
-        return steps if steps > 0 else -(-len(self.splits.train) // self.recipe.data.batch_size)
+    def _steps_per_epoch(self, count: int) -> int:
+        """Optimizer steps in one epoch over `count` examples (the last batch may be short)."""
+        return -(-count // self.recipe.data.batch_size)
 
     def _describe_rate(self, cfg) -> str:
+        """The stage's rate for the progress line, with its schedule when it has one."""
         lr = f"lr {self.learning_rate(cfg.learning_rate):g}"
         return lr if cfg.schedule == "constant" else f"{lr} ({cfg.schedule} decay to 0)"
 
@@ -254,7 +254,7 @@ class Trainer:
         self.timings["feature_extraction_s"] = round(time.perf_counter() - t0, 2)
         self.echo(f"  backbone features for {len(feats)} train + {len(val[0]) if val else 0} val images "
                   f"in {self.timings['feature_extraction_s']:.1f}s")
-        self._compile(self.clf.head, cfg, -(-len(feats) // self.recipe.data.batch_size))
+        self._compile(self.clf.head, cfg, self._steps_per_epoch(len(feats)))
         return self.clf.head.fit(feats, labels, batch_size=self.recipe.data.batch_size, epochs=cfg.epochs,
                                  validation_data=val, class_weight=self.class_weight, shuffle=True,
                                  verbose=_verbose(), callbacks=_callbacks(self.recipe, cfg, val is not None)).history
@@ -273,7 +273,7 @@ class Trainer:
         self.echo(f"stage 2 (fine-tuning): {cfg.epochs} epochs, {self._describe_rate(cfg)}, "
                   f"backbone layers {start}..{len(self.clf.backbone.layers) - 1} unfrozen ({trainable} with weights; "
                   f"BatchNorm frozen, inference mode)")
-        self._compile(self.clf.model, cfg, self._train_steps())
+        self._compile(self.clf.model, cfg, self._steps_per_epoch(len(self.splits.train)))
         history = self.clf.model.fit(self.train_ds, validation_data=self.val_ds, epochs=cfg.epochs,
                                      class_weight=self.class_weight, verbose=_verbose(),
                                      callbacks=_callbacks(self.recipe, cfg, self.val_ds is not None,
