@@ -33,7 +33,8 @@ def make_run(root: Path, data: Path, samples: int) -> Path:
     """A run directory holding the ImageNet MobileNetV2 classifier (1001 classes; head weights untrained)."""
     from edgetl.backbones import build_classifier
     from edgetl.recipe import recipe_from_dict
-    from edgetl.rundir import RunDir, atomic_write_text
+    from edgetl.io import atomic_write_text
+    from edgetl.rundir import RunDir
 
     recipe = recipe_from_dict({
         "name": "bench-mobilenet_v2", "data": {"source": str(data), "image_size": SIZE},

@@ -41,7 +41,7 @@ def friendly_errors(fn):
 def write_json(path: Path | None, obj) -> None:
     """Write the machine-readable twin of a command's summary, when asked for."""
     if path is not None:
-        from edgetl.rundir import atomic_write_json
+        from edgetl.io import atomic_write_json
 
         atomic_write_json(path, obj)
         click.echo(f"JSON written to {path}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgetl.metadata import NoMetadataError, read_metadata, require_tflite
-from edgetl.rundir import atomic_write_text
+from edgetl.io import atomic_write_text
 
 _BYTES_PER_LINE = 12
 _HEX = [f"0x{b:02x}" for b in range(256)]

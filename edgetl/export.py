@@ -71,7 +71,8 @@ from typing import Callable
 import numpy as np
 
 from edgetl.recipe import ONNX_VARIANTS, TFLITE_VARIANTS
-from edgetl.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json, write_labels
+from edgetl.io import atomic_write_bytes, atomic_write_json, read_json, write_labels
+from edgetl.rundir import RunDir
 
 FORMATS = {"tflite": TFLITE_VARIANTS, "onnx": ONNX_VARIANTS}
 EXTENSIONS = {"tflite": ".tflite", "onnx": ".onnx"}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.rundir import RunDir, atomic_path
+from edgetl.io import atomic_path
+from edgetl.rundir import RunDir
 
 SPLITS = ("train", "test")
 

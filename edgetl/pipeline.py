@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgetl.rundir import RunDir, atomic_write_json, read_json
+from edgetl.io import atomic_write_json, read_json
+from edgetl.rundir import RunDir
 
 STAGES = ("train", "export", "validate")
 MARKER = ".stages.json"

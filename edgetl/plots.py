@@ -17,7 +17,7 @@ def _figure():
 
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Save a matplotlib figure atomically and close it."""
-    from edgetl.rundir import atomic_path
+    from edgetl.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgetl.rundir import atomic_write_json, atomic_write_text
+from edgetl.io import atomic_write_json, atomic_write_text
 
 HEADERS = ("artifact", "input", "top-1", "vs keras", "top-5", "agree", "max|dp|", "p50 ms", "p90 ms",
            "img/s", "load ms", "KB", "gzip KB", "RSS MB", "gate")

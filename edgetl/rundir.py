@@ -1,4 +1,4 @@
-"""The run directory: the contract between stages, and atomic file writing for all of them.
+"""The run directory: the contract between stages (paths, loaders, and the Keras model loader).
 
 Layout of `models/<recipe-name>/<run-id>/`: recipe.yaml, labels.txt (labels_<head>.txt per head of a
 multi-task recipe), model.keras, history.json,
@@ -8,14 +8,14 @@ interrupted stage never leaves a half-written file that a later stage could mist
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+
+from edgetl.io import RunPaths, read_labels
 
 
 def load_keras_model(path: str | os.PathLike):
@@ -39,93 +39,9 @@ def load_keras_model(path: str | os.PathLike):
     return model
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path` (same suffix); rename it onto `path` only if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 text to `path` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented JSON atomically (NumPy scalars and paths are converted)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def head_labels_name(head: str) -> str:
-    """File name of a multi-task head's class names."""
-    return f"labels_{head}.txt"
-
-
-def write_labels(folder: str | os.PathLike, primary: list[str], heads: dict[str, list[str]]) -> dict[str, str]:
-    """Write labels.txt and one labels_<head>.txt per multi-task head into `folder`; returns {head: file name}."""
-    folder = Path(folder)
-    atomic_write_text(folder / "labels.txt", "\n".join(primary) + "\n")
-    files = {head: head_labels_name(head) for head in heads}
-    for head, names in heads.items():
-        atomic_write_text(folder / files[head], "\n".join(names) + "\n")
-    return files
-
-
-def read_labels(path: Path) -> list[str]:
-    """Class names in index order from a labels file (one per line)."""
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(RunPaths):
     """Paths and loaders for one run directory."""
-
-    path: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-
-    recipe_path = property(lambda self: self.path / "recipe.yaml")
-    labels_path = property(lambda self: self.path / "labels.txt")
-    model_path = property(lambda self: self.path / "model.keras")
-    history_path = property(lambda self: self.path / "history.json")
-    metrics_path = property(lambda self: self.path / "metrics.json")
-    manifest_path = property(lambda self: self.path / "manifest.json")
-    exports_dir = property(lambda self: self.path / "exports")
-    validation_dir = property(lambda self: self.path / "validation")
 
     def require(self, *paths: Path) -> None:
         """Fail with a clear message if a file an earlier stage should have written is missing."""
@@ -140,10 +56,6 @@ class RunDir:
         """Class names in index order."""
         self.require(self.labels_path)
         return read_labels(self.labels_path)
-
-    def head_labels_path(self, head: str) -> Path:
-        """labels_<head>.txt: one multi-task head's class names in index order."""
-        return self.path / head_labels_name(head)
 
     def head_labels(self) -> dict[str, list[str]]:
         """{head: class names} of a multi-task run (recipe `model.heads`), in output order; {} for one head."""

@@ -27,7 +27,8 @@ from edgetl.distribute import (describe, is_chief, make_strategy, mixed_precisio
                                worker_cache_dir)
 from edgetl.metrics import classification_metrics, head_metrics
 from edgetl.recipe import Recipe
-from edgetl.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text, write_labels
+from edgetl.io import atomic_path, atomic_write_json, atomic_write_text, write_labels
+from edgetl.rundir import RunDir
 
 
 @dataclass

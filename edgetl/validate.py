@@ -29,7 +29,8 @@ import numpy as np
 import edgetl
 from edgetl.edge.runtime import Runner, open_model, peak_rss_mb
 from edgetl.report import format_summary, format_table, write_report
-from edgetl.rundir import RunDir, atomic_write_json, load_keras_model, read_json
+from edgetl.io import atomic_write_json, read_json
+from edgetl.rundir import RunDir, load_keras_model
 
 __all__ = ["validate_run", "load_validation", "check_gates", "recommend", "pareto_front", "format_table",
            "format_summary", "ValidationResult", "GateFailure", "Recommendation", "ValidationError"]

@@ -13,10 +13,10 @@ from edge_support import CLASSES, LITERT, NUMPY_PILLOW, env_with_repo, make_venv
 
 from edgetl.edge import bench
 from edgetl.edge.images import decode_image
-from edgetl.edge.runtime import ModelError, dequantize, open_model, quantize, read_labels
+from edgetl.edge.runtime import ModelError, dequantize, open_model, quantize, model_labels
 from edgetl.edge.sweep import bench_run_dir, format_sweep
 from edgetl.edge.zipapp import build_runner
-from edgetl.rundir import read_json
+from edgetl.io import read_json
 
 FAST = ["--threads", "1", "--runs", "2", "--warmup", "0"]
 
@@ -181,15 +181,15 @@ def test_class_folder_not_in_labels_is_a_clear_error(art, tmp_path, capsys):
 def test_labels_from_embedded_metadata_then_labels_txt(art, tmp_path):
     plain = tmp_path / "plain.tflite"
     plain.write_bytes(art["fp32"].read_bytes())
-    assert read_labels(plain) is None
+    assert model_labels(plain)[0] is None
     (tmp_path / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")
-    assert read_labels(plain) == ["a", "b", "c"]
+    assert model_labels(plain)[0] == ["a", "b", "c"]
     # Models with TFLite metadata carry their associated files as a zip appended to the flatbuffer.
     with_metadata = tmp_path / "meta.tflite"
     with_metadata.write_bytes(art["fp32"].read_bytes())
     with zipfile.ZipFile(with_metadata, "a") as archive:
         archive.writestr("labels.txt", "cat\ndog\nfox\n")
-    assert read_labels(with_metadata) == ["cat", "dog", "fox"]
+    assert model_labels(with_metadata)[0] == ["cat", "dog", "fox"]
     runner = open_model(with_metadata)
     assert runner.labels == ["cat", "dog", "fox"]
     np.testing.assert_allclose(runner.predict(art["pixels"][:2]), art["keras"][:2], atol=1e-4)
@@ -207,7 +207,7 @@ def test_labels_written_by_edgetl_metadata_are_read_per_head(art, tmp_path):
     assert runner.labels == {"species": ["cat", "dog", "fox"], "color": ["black", "white"]}[head]
     single = tmp_path / "single_meta.tflite"
     single.write_bytes(add_metadata(art["fp32"].read_bytes(), labels=["a", "b", "c"], name="s", description="d", version="1"))
-    assert read_labels(single) == ["a", "b", "c"]
+    assert model_labels(single)[0] == ["a", "b", "c"]
 
 
 def test_onnx_labels_from_model_metadata(art, tmp_path):

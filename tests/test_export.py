@@ -20,7 +20,8 @@ import edgetl  # noqa: F401 - configures TensorFlow before it is imported
 from edgetl import export as ex
 from edgetl.data import load_arrays, load_splits
 from edgetl.recipe import recipe_from_dict
-from edgetl.rundir import RunDir, atomic_write_text
+from edgetl.io import atomic_write_text
+from edgetl.rundir import RunDir
 
 SIZE = 32
 CLASSES = ("red", "green", "blue")

@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import COLORS, draw_image, tiny_recipe_dict
 from edgetl.data import DatasetError, load_arrays, load_splits
 from edgetl.recipe import RecipeError, load_recipe, recipe_from_dict
-from edgetl.rundir import RunDir, atomic_write_text, read_json
+from edgetl.io import atomic_write_text, read_json
+from edgetl.rundir import RunDir
 
 HEADS = ["color", "brightness"]
 SIZE = 32

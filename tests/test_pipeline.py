@@ -12,7 +12,8 @@ import edgetl.validate
 from conftest import tiny_recipe_dict
 from edgetl.pipeline import MARKER, STAGES, PipelineError, default_run_dir, resolve_data_source, run_pipeline
 from edgetl.recipe import load_recipe
-from edgetl.rundir import RunDir, read_json
+from edgetl.io import read_json
+from edgetl.rundir import RunDir
 
 
 class Interrupted(BaseException):

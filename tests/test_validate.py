@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetl.rundir import RunDir, atomic_write_json, read_json
+from edgetl.io import atomic_write_json, read_json
+from edgetl.rundir import RunDir
 from edgetl.validate import (GateFailure, ValidationError, check_gates, format_table, load_validation, pareto_front,
                              recommend, validate_run)
 

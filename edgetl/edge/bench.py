@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 import edgetl
 from edgetl.edge.evaluate import evaluate_images
 from edgetl.edge.images import RESIZE_MODES
-from edgetl.edge.runtime import ModelError, RuntimeMissingError, open_model, peak_rss_mb, read_labels_file
-from edgetl.rundir import atomic_write_json
+from edgetl.edge.runtime import ModelError, RuntimeMissingError, model_labels, open_model, peak_rss_mb
+from edgetl.io import atomic_write_json
 
 XNNPACK_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
 EXIT_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
@@ -67,7 +67,7 @@ def run_bench(model_path, options: BenchOptions = BenchOptions()) -> dict:
 
 def _describe(runner, options: BenchOptions) -> dict:
     """Device and model facts plus, with images, the predictions of this (first) runner."""
-    labels, labels_source = _labels(runner, options)
+    labels, labels_source = model_labels(runner.path, options.labels)
     doc = {
         "tool": "edgetl-bench", "edgetl_version": edgetl.__version__,
         "device": device_facts(runner.runtime_name, runner.runtime_version),
@@ -84,19 +84,6 @@ def _describe(runner, options: BenchOptions) -> dict:
         doc["accuracy"] = result.pop("accuracy")
         doc["images"] = {"dir": str(options.images), "size": height, "resize": options.resize, **result}
     return doc
-
-
-def _labels(runner, options: BenchOptions):
-    """(labels, where they came from): --labels file, else the model's metadata, else labels.txt beside it."""
-    if options.labels:
-        path = Path(options.labels)
-        if not path.is_file():
-            raise ModelError(f"{path}: labels file not found")
-        return read_labels_file(path), str(path)
-    if runner.labels:
-        return runner.labels, "embedded"
-    beside = runner.path.with_name("labels.txt")
-    return (read_labels_file(beside), str(beside)) if beside.is_file() else (None, None)
 
 
 def device_facts(runtime_name: Optional[str] = None, runtime_version: Optional[str] = None) -> dict:

@@ -12,9 +12,11 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from edgetl.io import parse_labels, read_labels
 
 TFLITE_RUNTIMES = (("ai_edge_litert", "ai_edge_litert.interpreter"), ("tflite_runtime", "tflite_runtime.interpreter"))
 MODEL_SUFFIXES = (".tflite", ".onnx")
@@ -298,18 +300,17 @@ def _file_stem(head: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", head).strip("_.") or "output"
 
 
-def read_labels(model_path) -> Optional[List[str]]:
-    """Class names: embedded in the model's metadata, else labels.txt beside it, else None."""
-    labels = read_embedded_labels(model_path)
-    if labels:
-        return labels
+def model_labels(model_path, labels_file=None) -> Tuple[Optional[List[str]], Optional[str]]:
+    """(class names, where they came from): `labels_file`, else the model's metadata, else labels.txt beside it."""
+    if labels_file:
+        if not Path(labels_file).is_file():
+            raise ModelError(f"{labels_file}: labels file not found")
+        return read_labels(labels_file) or None, str(labels_file)
+    embedded = read_embedded_labels(model_path)
+    if embedded:
+        return embedded, "embedded"
     beside = Path(model_path).with_name("labels.txt")
-    return read_labels_file(beside) if beside.is_file() else None
-
-
-def read_labels_file(path) -> Optional[List[str]]:
-    """One class name per line, blank lines ignored (None if there are none)."""
-    return _parse_labels(Path(path).read_text(encoding="utf-8"))
+    return (read_labels(beside) or None, str(beside)) if beside.is_file() else (None, None)
 
 
 def peak_rss_mb() -> Optional[float]:
@@ -333,8 +334,7 @@ def peak_rss_mb() -> Optional[float]:
 
 
 def _parse_labels(text: Optional[str]) -> Optional[List[str]]:
-    labels = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return labels or None
+    return parse_labels(text or "") or None
 
 
 def _import_tflite_runtime():

@@ -17,7 +17,7 @@ from pathlib import Path
 import edgetl
 from edgetl.edge.bench import BenchOptions, device_facts, format_table
 from edgetl.edge.runtime import MODEL_SUFFIXES
-from edgetl.rundir import RunDir, atomic_write_json, read_json
+from edgetl.io import RunPaths, atomic_write_json, read_json
 
 REPORT_FIELDS = ("model", "latency", "peak_rss_mb", "accuracy", "images")
 
@@ -29,7 +29,7 @@ def bench_run_dir(run_dir, options: BenchOptions = BenchOptions(), timeout_s: fl
     `<run>/validation/edge_report.json` as {"edge": section}. The run's labels.txt is used unless
     `options.labels` names another file. A failing artifact gets an "error" entry; the others still run.
     """
-    run = RunDir(run_dir)
+    run = RunPaths(run_dir)
     manifest_path = run.exports_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: export the run first (`edgetl export {run.path}`)")

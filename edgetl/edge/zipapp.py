@@ -10,7 +10,7 @@ import zipapp
 from pathlib import Path
 
 import edgetl
-from edgetl.rundir import atomic_path
+from edgetl.io import atomic_path
 
 MIN_PYTHON = (3, 8)
 
@@ -33,7 +33,7 @@ sys.exit(main())
 def runner_sources() -> dict:
     """Archive name -> source file for everything the runner needs."""
     package = Path(edgetl.__file__).parent
-    files = [package / "__init__.py", package / "rundir.py", *sorted((package / "edge").glob("*.py"))]
+    files = [package / "__init__.py", package / "io.py", package / "errors.py", *sorted((package / "edge").glob("*.py"))]
     return {path.relative_to(package.parent).as_posix(): path for path in files}
 
 
