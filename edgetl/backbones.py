@@ -270,3 +270,8 @@ def calibrate_batchnorm(clf: Classifier, images) -> None:
         for layer, (momentum, trainable) in zip(bns, saved):
             layer.momentum, layer.trainable = momentum, trainable
         backbone.trainable = was_trainable
+
+
+def image_size_for(recipe) -> int:
+    """The recipe's input size, or its backbone's default."""
+    return recipe.data.image_size or get_spec(recipe.model.backbone).default_size

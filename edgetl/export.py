@@ -161,7 +161,7 @@ class Sources:
     """The run's model, calibration images, fine-tuning data and prepared (flat/QAT/pruned) models."""
 
     def __init__(self, run: RunDir, echo: Callable[[str], None] = print):
-        from edgetl.train import image_size_for
+        from edgetl.backbones import image_size_for
 
         run.require(run.recipe_path, run.labels_path, run.model_path)
         self.run, self.echo = run, echo

@@ -25,6 +25,7 @@ from edgetl.edge.runtime import peak_rss_mb
 from edgetl.data import DatasetSplits, load_splits, make_dataset
 from edgetl.distribute import (describe, is_chief, make_strategy, mixed_precision, replicas, scaled_learning_rate,
                                worker_cache_dir)
+from edgetl.backbones import image_size_for
 from edgetl.metrics import classification_metrics, head_metrics
 from edgetl.recipe import Recipe
 from edgetl.io import atomic_path, atomic_write_json, atomic_write_text, write_labels
@@ -49,13 +50,6 @@ def new_run_dir(out_root: str | Path, recipe_name: str) -> Path:
         path = Path(out_root) / recipe_name / f"{stamp}-{n}"
     path.mkdir(parents=True)
     return path
-
-
-def image_size_for(recipe: Recipe) -> int:
-    """The recipe's input size, or the backbone's default."""
-    from edgetl.backbones import get_spec
-
-    return recipe.data.image_size or get_spec(recipe.model.backbone).default_size
 
 
 def _verbose() -> int:

@@ -98,7 +98,7 @@ def validate_run(run_dir, data_dir=None, threads: int | None = None, runs: int |
     of another dataset with the same classes.
     """
     from edgetl.data import load_arrays, load_splits
-    from edgetl.train import image_size_for
+    from edgetl.backbones import image_size_for
 
     run = RunDir(run_dir)
     run.require(run.recipe_path, run.model_path, run.labels_path)
