@@ -5,12 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgetl-installed
 SHARED ?= ../shared
 KERAS_MODELS ?= $(HOME)/.keras/models
-# mediapipe (used only by the tests, to prove TFLite metadata works in MediaPipe's ImageClassifier)
-# pins absl-py~=2.3, which conflicts with tensorflow-model-optimization's absl-py~=1.2 pin; it runs
-# fine with absl-py 1.4, so it is installed without its dependency resolution.
-MEDIAPIPE := mediapipe==1.2.2 opencv-contrib-python-headless==5.0.0.93
+# mediapipe (used only by a test, to prove TFLite metadata works in MediaPipe's ImageClassifier) pins
+# absl-py~=2.3, which conflicts with tensorflow-model-optimization's absl-py~=1.2: it gets a venv of its own
+# inside .venv, so the main environment stays consistent (`pip check`).
+MEDIAPIPE_VENV := $(VENV)/mediapipe
+MEDIAPIPE_STAMP := $(MEDIAPIPE_VENV)/.installed
+ARGS ?=
 
-.PHONY: install demo test bench weights clean
+.PHONY: install demo test lint bench weights clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +20,14 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps $(MEDIAPIPE)
 	touch $(STAMP)
 
-install: $(STAMP)
+$(MEDIAPIPE_STAMP): | $(BIN)/python
+	$(BIN)/python -m venv $(MEDIAPIPE_VENV)
+	$(MEDIAPIPE_VENV)/bin/python -m pip install --quiet mediapipe==1.2.2
+	touch $(MEDIAPIPE_STAMP)
+
+install: $(STAMP) $(MEDIAPIPE_STAMP)
 
 # Offline ImageNet weights: seed the Keras cache from ../shared/weights when it is there (Keras looks
 # in ~/.keras/models before downloading). Without it, Keras' normal download path is used.
@@ -39,7 +45,10 @@ demo: install weights
 	$(BIN)/edgetl run recipes/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 $(ARGS)
+
+lint: install
+	$(BIN)/ruff check edgetl tests benchmarks recipes
 
 bench: install weights
 	$(BIN)/python benchmarks/run_all.py

@@ -32,8 +32,8 @@ SIZE = 224
 def make_run(root: Path, data: Path, samples: int) -> Path:
     """A run directory holding the ImageNet MobileNetV2 classifier (1001 classes; head weights untrained)."""
     from edgetl.backbones import build_classifier
-    from edgetl.recipe import recipe_from_dict
     from edgetl.io import atomic_write_text
+    from edgetl.recipe import recipe_from_dict
     from edgetl.rundir import RunDir
 
     recipe = recipe_from_dict({

@@ -4,11 +4,13 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from edgetl.recipe import RecipeError, explain, load_recipe
+from edgetl.errors import EdgetlError
+from edgetl.recipe import explain, load_recipe
 
 RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 RUN_DIR = click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -22,17 +24,28 @@ JSON_OUT = click.option("--json", "json_out", type=click.Path(dir_okay=False, pa
                         help="Also write the result as JSON to this file.")
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The group's options, handed to every command through click's context."""
+
+    verbose: bool = False
+    debug: bool = False
+
+
 def friendly_errors(fn):
-    """Turn expected user errors into one clear message and exit code 1 (no traceback)."""
+    """Show an expected user error (EdgetlError) as one line and exit 1; anything else keeps its traceback.
+
+    `edgetl --debug ...` shows the traceback of expected errors too.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from edgetl.backbones import WeightsError
-        from edgetl.data import DatasetError
-
         try:
             return fn(*args, **kwargs)
-        except (RecipeError, DatasetError, WeightsError, FileNotFoundError, ValueError) as exc:
+        except EdgetlError as exc:
+            settings = click.get_current_context().find_object(Settings) or Settings()
+            if settings.debug:
+                raise
             raise click.ClickException(str(exc)) from None
 
     return wrapper
@@ -53,7 +66,10 @@ def echo(msg: str = "") -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="edgetl")
-def cli():
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own log lines (hidden by default).")
+@click.option("--debug", is_flag=True, help="Show the traceback of every error, expected user errors too.")
+@click.pass_context
+def cli(ctx, verbose, debug):
     """edgetl: from an image-classification dataset to a validated edge model.
 
     \b
@@ -69,7 +85,9 @@ def cli():
     \b
     Shipping and devices:
       embed     C header of a .tflite for microcontrollers; show a model's metadata
+      quant-report  which layers int8 hurts most (per-layer SNR) of an artifact or a run
       bench     TensorFlow-free latency/accuracy runner, locally, on a run, or over SSH
+      serve     TensorFlow-free inference server (Open Inference Protocol V2, as Triton/KServe)
     \b
     Reference:
       recipe show   the fully resolved recipe (--explain documents every key)
@@ -78,6 +96,7 @@ def cli():
     \b
     Start with:  edgetl run recipes/demo.yaml
     """
+    ctx.obj = Settings(verbose=verbose, debug=debug)
 
 
 @cli.command()
@@ -93,7 +112,7 @@ def train(recipe: Path, data_dir, out_root: Path, overrides):
     Example:
       edgetl train recipes/flowers_mobilenet_v2.yaml --data ../shared/data/flowers5 --set train.stage2.epochs=3
     """
-    from edgetl.train import train as run_training
+    from edgetl.training import train as run_training
 
     rec = load_recipe(recipe, overrides)
     result = run_training(rec, data_dir=data_dir, out_root=out_root, echo=echo)
@@ -119,35 +138,53 @@ def train(recipe: Path, data_dir, out_root: Path, overrides):
 @click.option("--formats", multiple=True, metavar="FORMAT:VARIANT[,VARIANT]",
               help="What to export instead of the recipe's export section, e.g. --formats tflite:fp32,int8 "
                    "--formats onnx:fp32 (repeatable).")
+@click.option("--model-repository", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a Triton model repository of the run's ONNX artifacts into this folder.")
+@click.option("--repair", is_flag=True, help="Also export tflite:int8_repaired and onnx:int8_repaired (int8 with "
+                                             "the most sensitive layers left float until export.int8.max_drop_pp holds).")
 @friendly_errors
-def export(run_dir: Path, formats):
+def export(run_dir: Path, formats, model_repository, repair):
     """Export a trained run to TFLite and ONNX variants (PTQ, QAT, pruning) in RUN_DIR/exports/.
 
     Each artifact is checked to load and run, carries its labels and metadata, and is listed in
     exports/manifest.json with sizes, gzip sizes, hashes and quantization parameters.
+    --model-repository DIR adds DIR/<model>/config.pbtxt, 1/model.onnx and labels for Triton.
 
     \b
     Examples:
       edgetl export models/demo/run-1a2b3c
       edgetl export models/demo/run-1a2b3c --formats tflite:int8,qat_int8 --formats onnx:int8
+      edgetl export models/demo/run-1a2b3c --formats onnx:fp32 --model-repository triton-models
+      edgetl export models/demo/run-1a2b3c --repair
     """
     from edgetl.export import export_run, parse_formats
 
     tflite, onnx = parse_formats(list(formats)) if formats else (None, None)
+    if repair:
+        from edgetl.rundir import RunDir
+
+        recipe = RunDir(run_dir).load_recipe()
+        tflite = [*(recipe.export.tflite if tflite is None else tflite), "int8_repaired"]
+        onnx = [*(recipe.export.onnx if onnx is None else onnx), "int8_repaired"]
     result = export_run(run_dir, tflite=tflite, onnx=onnx, echo=echo)
     echo(f"manifest: {run_dir / 'exports' / 'manifest.json'}")
+    if model_repository:
+        from edgetl.triton import write_model_repository
+
+        for model in write_model_repository(run_dir, model_repository):
+            echo(f"Triton model {model.name}: {model.config_path}")
     if result.failed:
         raise click.ClickException(f"{len(result.failed)} variant(s) failed: {', '.join(result.failed)}")
 
 
 GATE_OPTIONS = [
     click.option("--threads", type=click.IntRange(1), help="Interpreter threads for latency (recipe: validate.threads)."),
-    click.option("--runs", type=click.IntRange(1), help="Timed runs per artifact."),
-    click.option("--warmup", type=click.IntRange(0), help="Untimed warm-up runs."),
+    click.option("--runs", type=click.IntRange(1), help="Timed runs per artifact (recipe: validate.runs)."),
+    click.option("--warmup", type=click.IntRange(0), help="Untimed warm-up runs (recipe: validate.warmup)."),
     click.option("--max-accuracy-drop", type=click.FloatRange(0), metavar="PP",
-                 help="Gate: largest top-1 drop vs Keras in percentage points (default 1.0)."),
+                 help="Gate: largest top-1 drop vs Keras in percentage points (recipe: validate.max_accuracy_drop)."),
     click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FRACTION",
-                 help="Gate: smallest top-1 agreement with Keras."),
+                 help="Gate: smallest top-1 agreement with Keras (recipe: validate.min_agreement)."),
     click.option("--budget-latency-ms", type=click.FloatRange(0), help="Recommend the best artifact within this p50 latency."),
     click.option("--budget-size-kb", type=click.FloatRange(0), help="Recommend the best artifact within this file size."),
 ]
@@ -159,20 +196,44 @@ def gate_options(fn):
     return fn
 
 
+def _runtime_list(ctx, param, value):
+    """`--runtimes auto,openvino` as a list, each name one of edgetl.edge.runtime.RUNTIMES."""
+    from edgetl.edge.runtime import RUNTIMES
+
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown or not names:
+        raise click.BadParameter(f"{', '.join(unknown) or repr(value)}: choose from {', '.join(RUNTIMES)}, comma-separated")
+    return names
+
+
 @cli.command()
 @RUN_DIR
 @DATA
 @gate_options
+@click.option("--runtimes", callback=_runtime_list, metavar="LIST",
+              help="Runtimes to measure each export on, comma-separated: auto (LiteRT for .tflite, ONNX Runtime for "
+                   ".onnx), litert, onnxruntime, openvino (rows openvino:<artifact>) (recipe: validate.runtimes).")
+@click.option("--inconclusive", type=click.Choice(["warn", "fail", "point"]),
+              help="When a gate's confidence interval straddles its bound: warn (flag, exit 0), fail (exit 1), or "
+                   "point (gate on point estimates only) (recipe: validate.inconclusive).")
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), metavar="LEVEL",
+              help="Confidence level of the paired gate intervals (recipe: validate.confidence).")
 @friendly_errors
 def validate(run_dir: Path, data_dir, **options):
     """Compare the Keras model and every export on the held-out images; gate and recommend.
 
-    Writes RUN_DIR/validation/report.json, report.md and plots; exits 1 when an artifact fails a gate.
+    Writes RUN_DIR/validation/report.json, report.md and plots; exits 1 when an artifact fails a gate
+    (by default only a drop shown beyond the test set's noise; an inconclusive row is flagged).
+    A runtime that is not installed (e.g. OpenVINO) is noted, not failed.
 
     \b
     Examples:
       edgetl validate models/demo/run-1a2b3c
       edgetl validate models/demo/run-1a2b3c --min-agreement 0.98 --budget-latency-ms 2 --budget-size-kb 600
+      edgetl validate models/demo/run-1a2b3c --runtimes auto,openvino --inconclusive fail
     """
     from edgetl.validate import validate_run
 
@@ -323,9 +384,10 @@ def recipe_show(recipe: Path, overrides, explain_keys: bool, json_out):
 @cli.command()
 @JSON_OUT
 def backbones(json_out):
-    """List the backbone architectures: input size, parameters, multiply-accumulates.
+    """List the backbone architectures: input size, parameters, multiply-accumulates, edge-sized or not.
 
-    Parameters and MACs are counted on each headless backbone built at its default size.
+    Parameters and MACs are counted on each headless backbone built at its default size; "edge" marks
+    those within 10 M parameters and 1.2 G multiply-accumulates (phones, small boards).
 
     \b
     Example:
@@ -334,9 +396,10 @@ def backbones(json_out):
     from edgetl.backbones import BACKBONES, describe
 
     rows = [describe(name) for name in BACKBONES]
-    echo(f"{'name':<20} {'input':>5} {'params':>10} {'MMACs':>8}  preprocessing")
+    echo(f"{'name':<20} {'input':>5} {'params':>10} {'MMACs':>8} {'edge':>4}  preprocessing")
     for r in rows:
-        echo(f"{r['name']:<20} {r['input_size']:>5} {r['params'] / 1e6:>9.2f}M {r['macs'] / 1e6:>8.0f}  {r['preprocessing']}")
+        echo(f"{r['name']:<20} {r['input_size']:>5} {r['params'] / 1e6:>9.2f}M {r['macs'] / 1e6:>8.0f} "
+             f"{'yes' if r['edge_sized'] else 'no':>4}  {r['preprocessing']}")
     write_json(json_out, rows)
 
 
@@ -367,18 +430,42 @@ def datasets(json_out):
 @click.option("--c-header", "c_header", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a 16-byte aligned C array (with length and labels) for TensorFlow Lite Micro.")
 @click.option("--name", "var_name", help="C variable name (default: from the file name).")
+@click.option("--micro", is_flag=True, help="TensorFlow Lite Micro check: measured tensor arena, op support, "
+                                           "MicroMutableOpResolver snippet, RAM/flash table (needs edgetl[micro]).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With --micro: run these images (class folders) through TFLM and LiteRT; top-1 and agreement.")
+@click.option("--resize", type=click.Choice(["plain", "center_crop"]),
+              help="How --images are resized. [default: the run's recipe, else plain]")
+@click.option("--arena-margin", type=click.FloatRange(0), default=0.10, show_default=True,
+              help="Fraction added to the measured arena before rounding up to 1 KiB.")
+@click.option("--flash-budget-kb", type=click.FloatRange(0), default=1024, show_default=True,
+              help="Flash budget of the RAM/flash table (KiB).")
+@click.option("--ram-budget-kb", type=click.FloatRange(0), default=512, show_default=True,
+              help="RAM budget of the RAM/flash table (KiB).")
+@click.option("--vela", "vela_config", metavar="CONFIG",
+              help="Compile for an Arm Ethos-U NPU with Vela (e.g. ethos-u55-128) and show Vela's estimates.")
+@click.option("--vela-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the Vela-compiled model goes. [default: vela-CONFIG/ beside MODEL]")
 @JSON_OUT
 @friendly_errors
-def embed(model: Path, c_header, var_name, json_out):
+def embed(model: Path, c_header, var_name, micro, images, resize, arena_margin, flash_budget_kb, ram_budget_kb,
+          vela_config, vela_dir, json_out):
     """Show MODEL.tflite's embedded metadata; write it as a C header for microcontrollers.
+
+    With --micro and --c-header X.h it also writes X_op_resolver.h (exactly the model's ops), the
+    `#define NAME_TENSOR_ARENA_SIZE` in X.h, and X_report.json (arena, ops, agreement, RAM/flash, Vela).
 
     \b
     Examples:
       edgetl embed models/demo/<run>/exports/tflite-int8.tflite
       edgetl embed model.tflite --c-header model_data.h
+      edgetl embed <run>/exports/tflite-int8.tflite --micro --c-header model_data.h --images data/test
+      edgetl embed model.tflite --vela ethos-u55-128
     """
-    from edgetl.embed import write_c_header
-    from edgetl.metadata import NoMetadataError, read_metadata
+    if images is not None and not micro:
+        raise click.UsageError("--images needs --micro")
+    from edgetl.export.embed import write_c_header
+    from edgetl.export.metadata import NoMetadataError, read_metadata
 
     try:
         meta = read_metadata(model)
@@ -394,11 +481,66 @@ def embed(model: Path, c_header, var_name, json_out):
     else:
         echo(f"{model}: no TFLite metadata")
     result = {"model": str(model), "metadata": meta}
+    arena_size = None
+    if micro:
+        from edgetl.export.micro import format_report, micro_report
+
+        report = micro_report(model, images, resize or _recipe_resize(model), arena_margin,
+                              flash_budget=int(flash_budget_kb * 1024), ram_budget=int(ram_budget_kb * 1024))
+        echo(format_report(report))
+        result["micro"] = report
+        arena_size = report["arena"]["arena_bytes"]
+    if vela_config:
+        from edgetl.export.vela import format_vela, vela_report
+
+        result["vela"] = vela_report(model, vela_config, out_dir=vela_dir)
+        echo(format_vela(result["vela"]))
     if c_header:
-        path = write_c_header(model, c_header, var_name=var_name)
+        path = write_c_header(model, c_header, var_name=var_name, arena_size=arena_size)
         result["c_header"] = str(path)
         echo(f"C header written to {path} ({model.stat().st_size:,} model bytes)")
+        if micro:
+            _write_micro_files(model, path, var_name, result)
     write_json(json_out, result)
+
+
+def _write_micro_files(model: Path, header: Path, var_name, result: dict) -> None:
+    """Beside header X.h: X_op_resolver.h (the model's ops only) and X_report.json (everything --micro found)."""
+    from edgetl.export.embed import c_name
+    from edgetl.export.micro import write_resolver
+    from edgetl.io import atomic_write_json
+
+    name = c_name(model, var_name)
+    resolver = write_resolver(header.with_name(f"{header.stem}_op_resolver.h"), model.read_bytes(), name)
+    report = atomic_write_json(header.with_name(f"{header.stem}_report.json"), result)
+    result.update({"op_resolver": str(resolver), "report": str(report)})
+    echo(f"  #define {name.upper()}_TENSOR_ARENA_SIZE {result['micro']['arena']['arena_bytes']} in {header.name}; "
+         f"op resolver {resolver}; report (JSON) {report}")
+
+
+@cli.command("quant-report")
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Layers to print, worst first.")
+@JSON_OUT
+@friendly_errors
+def quant_report(target: Path, top, json_out):
+    """The layers int8 quantization hurts most: SNR of each layer's output against float, worst first.
+
+    TARGET is an artifact in a run's exports/ (its exports/quantization/<artifact>.json, written by
+    every int8 and int8_repaired export) or a run directory (every report it has). A tflite-int8 /
+    onnx-int8 exported before reports existed gets its report computed and written now.
+
+    \b
+    Examples:
+      edgetl quant-report models/demo/<run>/exports/tflite-int8.tflite
+      edgetl quant-report models/demo/<run> --top 20 --json layers.json
+    """
+    from edgetl.export.quant_debug import format_report, reports
+
+    found = reports(target, echo=echo)
+    for report in found:
+        echo(format_report(report, top))
+    write_json(json_out, found)
 
 
 @cli.command()
@@ -413,13 +555,15 @@ def embed(model: Path, c_header, var_name, json_out):
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Warm-up runs.")
 @click.option("--xnnpack", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
               help="TFLite XNNPACK delegate modes to time.")
+@click.option("--runtime", type=click.Choice(["auto", "litert", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="Runtime: auto is LiteRT for .tflite and ONNX Runtime for .onnx; openvino reads both.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Images (class folders) for accuracy.")
 @click.option("--resize", type=click.Choice(["plain", "center_crop"]),
               help="How --images are resized, as in the recipe's data.resize. [default: the run's recipe, else plain]")
 @JSON_OUT
 @friendly_errors
-def bench(target, export_runner, remote, identity, remote_python, threads, runs, warmup, xnnpack, images, resize,
-          json_out):
+def bench(target, export_runner, remote, identity, remote_python, threads, runs, warmup, xnnpack, runtime, images,
+          resize, json_out):
     """TensorFlow-free latency/accuracy of a .tflite/.onnx, every artifact of a run, or on a device.
 
     TARGET is a model file or a run directory (all its exports; adds an `edge` section to the
@@ -429,6 +573,7 @@ def bench(target, export_runner, remote, identity, remote_python, threads, runs,
     Examples:
       edgetl bench models/demo/<run>                       # every artifact, this host
       edgetl bench model.tflite --threads 1,4 --images data/test
+      edgetl bench model.onnx --runtime openvino --threads 2
       edgetl bench model.tflite --remote pi@raspberrypi.local --identity ~/.ssh/id_ed25519
       edgetl bench --export-runner runner.pyz              # then: python3 runner.pyz model.tflite
     """
@@ -443,7 +588,7 @@ def bench(target, export_runner, remote, identity, remote_python, threads, runs,
     if target is None:
         raise click.UsageError("give a model file or a run directory (or --export-runner PATH)")
     options = BenchOptions(threads=parse_threads(threads), runs=runs, warmup=warmup, xnnpack=xnnpack, images=images,
-                           resize=resize or _recipe_resize(target))
+                           resize=resize or _recipe_resize(target), runtime=runtime)
     try:
         if target.is_dir():
             doc = bench_run_dir(target, options)
@@ -465,6 +610,22 @@ def bench(target, export_runner, remote, identity, remote_python, threads, runs,
         raise click.ClickException(f"{len(failed)} artifact(s) failed: " + ", ".join(a.get("name", "?") for a in failed))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args):
+    """TensorFlow-free inference server: Open Inference Protocol V2 (Triton/KServe REST), see `edgetl serve -h`.
+
+    \b
+    Examples:
+      edgetl serve models/demo/<run>                       # every artifact of the run, on 127.0.0.1:8000
+      edgetl serve flowers=model.tflite --workers 2 --threads 1 --api-key-file key.txt
+      python3 runner.pyz serve model.tflite                # on a board, from `edgetl bench --export-runner`
+    """
+    from edgetl.edge.serve import main as serve_main
+
+    sys.exit(serve_main(list(args), resize_of=_recipe_resize))
+
+
 def _recipe_resize(target: Path | None) -> str:
     """The resize mode of the run TARGET belongs to (a run directory or a file in its exports/), else plain."""
     from edgetl.rundir import RunDir
@@ -477,7 +638,11 @@ def _recipe_resize(target: Path | None) -> str:
 
 
 def main():
-    """Console-script entry point."""
+    """Console-script entry point: TensorFlow's native log lines are filtered unless --verbose is given."""
+    if "--verbose" not in sys.argv[1:]:
+        from edgetl.console import filter_native_stderr
+
+        filter_native_stderr()
     cli(prog_name="edgetl")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.edge.images import ImageError, decode_image, decode_images, is_image_file, load_rgb
+from edgetl.errors import EdgetlError
 
 BUILTIN_DATASETS = {
     "digits": "scikit-learn's bundled handwritten digits: 1,797 8x8 images, 10 classes, upscaled to RGB "
@@ -28,7 +29,7 @@ DISK_SHUFFLE_BUFFER = 1024  # decoded images held for shuffling when the cache i
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 
 
-class DatasetError(ValueError):
+class DatasetError(EdgetlError, ValueError):
     """A dataset that cannot be trained on; the message says which folder and how to fix it."""
 
 

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.errors import EdgetlError
 from edgetl.io import atomic_path
 from edgetl.rundir import RunDir
+
+
+class FeaturesError(EdgetlError, ValueError):
+    """A layer, split or output file the feature extraction cannot use."""
+
 
 SPLITS = ("train", "test")
 
@@ -25,7 +31,7 @@ def _backbone(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             return layer
-    raise ValueError(f"model {model.name!r} has no nested backbone model; was it trained by edgetl?")
+    raise FeaturesError(f"model {model.name!r} has no nested backbone model; was it trained by edgetl?")
 
 
 def list_layers(run_dir: str | os.PathLike) -> list[tuple[str, tuple]]:
@@ -59,7 +65,7 @@ def feature_model(model, layers: list[str]):
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
             hint = f" Close matches: {', '.join(close)}." if close else ""
-            raise ValueError(f"no layer named {name!r} in backbone {backbone.name!r}.{hint} "
+            raise FeaturesError(f"no layer named {name!r} in backbone {backbone.name!r}.{hint} "
                              f"List the names with `edgetl features RUN_DIR --list-layers`")
     taps = keras.Model(backbone.input, [backbone.get_layer(n).output for n in layers], name="taps")
     image = keras.Input(model.input_shape[1:], name="image")
@@ -83,9 +89,9 @@ def extract_features(run_dir: str | os.PathLike, layers: list[str], data_dir: st
     from edgetl.data import load_splits, make_dataset
 
     if split not in ("all", *SPLITS):
-        raise ValueError(f"split must be one of all, {', '.join(SPLITS)}; got {split!r}")
+        raise FeaturesError(f"split must be one of all, {', '.join(SPLITS)}; got {split!r}")
     if not layers:
-        raise ValueError("name at least one layer (`edgetl features RUN_DIR --list-layers` shows them)")
+        raise FeaturesError("name at least one layer (`edgetl features RUN_DIR --list-layers` shows them)")
     layers = list(dict.fromkeys(layers))  # a repeated name would collide in the saved keys
     run = RunDir(run_dir)
     recipe = run.load_recipe()
@@ -94,7 +100,7 @@ def extract_features(run_dir: str | os.PathLike, layers: list[str], data_dir: st
     size = int(model.input_shape[1])
     splits = load_splits(recipe, data_dir)
     if splits.class_names != run.labels():
-        raise ValueError(f"{splits.root}: classes {splits.class_names} differ from the run's labels.txt "
+        raise FeaturesError(f"{splits.root}: classes {splits.class_names} differ from the run's labels.txt "
                          f"{run.labels()}; use the dataset the run was trained on (same class folders)")
     out = {"layers": np.array(layers), "class_names": np.array(splits.class_names)}
     for name in SPLITS if split == "all" else (split,):
@@ -113,7 +119,7 @@ def save_features(features: dict[str, np.ndarray], path: str | os.PathLike) -> P
     """Write the arrays of `extract_features` to one .npz file, atomically."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"{path}: the features file must end in .npz")
+        raise FeaturesError(f"{path}: the features file must end in .npz")
     with atomic_path(path) as tmp:
         np.savez(tmp, **features)
     return path
@@ -137,7 +143,7 @@ def probe(features: dict[str, np.ndarray], max_iter: int = 2000) -> list[dict]:
 
     missing = [f"{s}/labels" for s in SPLITS if f"{s}/labels" not in features]
     if missing:
-        raise ValueError(f"the probe needs train and test features (missing {', '.join(missing)}); "
+        raise FeaturesError(f"the probe needs train and test features (missing {', '.join(missing)}); "
                          f"extract with split='all'")
     y_train, y_test = features["train/labels"], features["test/labels"]
     rows = []

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,12 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def embedded_labels_name(output: str) -> str:
+    """File name of one output's class names inside a .tflite's metadata (labels_<output>.txt, name made file-safe)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", output).strip("_.") or "output"
+    return f"labels_{stem}.txt"
 
 
 def head_labels_name(head: str) -> str:

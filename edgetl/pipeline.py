@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgetl.errors import EdgetlError
 from edgetl.io import atomic_write_json, read_json
 from edgetl.rundir import RunDir
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from edgetl.validate import ValidationResult
 
 
-class PipelineError(ValueError):
+class PipelineError(EdgetlError, ValueError):
     """A run directory the pipeline must not touch; the message says why and what to do instead."""
 
 
@@ -50,12 +51,13 @@ def default_run_dir(out_root, recipe) -> Path:
     return Path(out_root) / recipe.name / f"run-{recipe.fingerprint()}"
 
 
-def resolve_data_source(recipe, data_dir=None) -> None:
-    """Put `data_dir` (if given) into the recipe and make a folder source absolute, so it identifies the data."""
+def resolve_data_source(recipe, data_dir=None):
+    """A copy of `recipe` whose data source is `data_dir` (if given), a folder made absolute, so it identifies the data."""
     from edgetl.data import BUILTIN_DATASETS
 
     source = str(data_dir) if data_dir is not None else recipe.data.source
-    recipe.data.source = source if source in BUILTIN_DATASETS else str(Path(source).expanduser().resolve())
+    source = source if source in BUILTIN_DATASETS else str(Path(source).expanduser().resolve())
+    return replace(recipe, data=replace(recipe.data, source=source))
 
 
 def run_pipeline(recipe_path, overrides=(), data_dir=None, run_dir=None, out_root="models",
@@ -67,8 +69,7 @@ def run_pipeline(recipe_path, overrides=(), data_dir=None, run_dir=None, out_roo
     """
     from edgetl.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides)
-    resolve_data_source(recipe, data_dir)
+    recipe = resolve_data_source(load_recipe(recipe_path, overrides), data_dir)
     fingerprint = recipe.fingerprint()
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(out_root, recipe))
     if run_dir is None:
@@ -104,7 +105,7 @@ def run_pipeline(recipe_path, overrides=(), data_dir=None, run_dir=None, out_roo
 
 
 def _train(recipe, run: RunDir, echo):
-    from edgetl.train import train
+    from edgetl.training import train
 
     return train(recipe, run_dir=run.path, echo=echo)
 

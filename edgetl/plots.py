@@ -1,12 +1,15 @@
 """Plots people would rather look at than read: training curves and confusion matrices (PNG, atomic)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 
+@functools.cache
 def _figure():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), chosen once per process."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,9 +18,24 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from edgetl import variants as export_variants
+from edgetl.errors import EdgetlError
 
-class RecipeError(ValueError):
-    """A recipe problem, with the file and key path in the message."""
+
+class RecipeError(EdgetlError, ValueError):
+    """Recipe problems, each naming the file and key path; `problems` lists every one found in one pass."""
+
+    def __init__(self, message: str, problems: typing.Sequence[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+    @classmethod
+    def of(cls, problems: typing.Sequence[str]) -> "RecipeError":
+        """One error carrying every problem: the single message itself, or a numbered list of them."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        listing = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+        return cls(f"{len(problems)} problems in the recipe:\n{listing}", problems)
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -92,6 +107,10 @@ class ModelConfig:
     weights_fallback: Literal["none", "random"] = opt("none", "What to do when ImageNet weights cannot be "
                                                               "obtained: `none` = stop with an error; `random` = "
                                                               "warn and use random init (demo recipe only).")
+    cut_at: Optional[str] = opt(None, "Cut the backbone at this named layer (its output feeds the pooling and "
+                                      "head; the layers above it are dropped): a smaller model, e.g. "
+                                      "block_13_expand_relu for MobileNetV2 on a microcontroller. null = the "
+                                      "whole backbone. `edgetl features RUN --list-layers` lists the names.")
     pooling: Literal["avg", "max"] = opt("avg", "Global pooling before the head.")
     dropout: float = opt(0.2, "Dropout before the classification layer.", min=0.0, max=0.9)
     hidden_units: list[int] = opt(None, "Optional hidden Dense layers of the head (ReLU).", factory=list)
@@ -170,8 +189,26 @@ class PruningConfig:
                               "distillation) rather than toward the labels alone.")
 
 
-TFLITE_VARIANTS = ("fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8")
-ONNX_VARIANTS = ("fp32", "int8", "qat_int8")
+@dataclass
+class Int8Config:
+    max_drop_pp: float = opt(1.0, "Repair bound (int8_repaired variants): largest allowed disagreement with the "
+                                  "float model, percentage points of the repair images (validation split, else "
+                                  "training images; never test). A top-1 drop can never exceed it.", min=0.0)
+    max_float_layers: int = opt(8, "Repair limit: most layers left float before the repair gives up.", min=0)
+    step: int = opt(2, "Repair: layers left float per step, most sensitive first.", min=1)
+    max_size_ratio: float = opt(1.5, "Repair limit: largest artifact size relative to the full-int8 one.", min=1.0)
+    max_latency_ratio: Optional[float] = opt(None, "Repair limit: largest p50 latency relative to full int8 "
+                                                   "(null: recorded, not limited).", min=1.0)
+    repair_images: int = opt(200, "Most images the repair scores each step on.", min=1)
+    denylist: list[str] = opt(None, "Layer-name patterns (Python regular expressions, searched) always left float "
+                                    "by the int8_repaired variants.", factory=list)
+    calibration: Literal["minmax", "entropy", "percentile"] = opt(
+        "minmax", "ONNX int8 calibration method (onnxruntime CalibrationMethod).")
+    per_channel: bool = opt(True, "Per-channel weight scales (int8 and int8_repaired variants, both formats).")
+
+
+TFLITE_VARIANTS = export_variants.names("tflite")  # the rows of edgetl/variants.py
+ONNX_VARIANTS = export_variants.names("onnx")
 
 
 @dataclass
@@ -187,6 +224,8 @@ class ExportConfig:
                                           "smaller bounds their memory, which the fake-quant graph multiplies.", min=1)
     qat: FinetuneConfig = opt(None, "Quantization-aware training fine-tune.", factory=FinetuneConfig)
     pruning: PruningConfig = opt(None, "Magnitude pruning fine-tune.", factory=PruningConfig)
+    int8: Int8Config = opt(None, "Post-training int8: calibration, per-layer report, accuracy-aware repair.",
+                           factory=Int8Config)
 
 
 @dataclass
@@ -198,6 +237,15 @@ class ValidateConfig:
     warmup: int = opt(5, "Warm-up runs before timing.", min=0)
     budget_latency_ms: Optional[float] = opt(None, "Recommend the most accurate artifact under this latency.", min=0.0)
     budget_size_kb: Optional[float] = opt(None, "Recommend the most accurate artifact under this size.", min=0.0)
+    # edgetl.edge.runtime.RUNTIMES (tests/test_validate.py checks the two lists agree)
+    runtimes: list[Literal["auto", "litert", "onnxruntime", "openvino"]] = opt(
+        None, "Runtimes each export is measured on, one row each: auto = LiteRT for .tflite and ONNX Runtime for "
+              ".onnx (rows named as the artifact); openvino adds `openvino:<artifact>` rows (pip install openvino; "
+              "when it is missing those rows are noted, not failed).", factory=lambda: ["auto"])
+    inconclusive: Literal["warn", "fail", "point"] = opt(
+        "warn", "Gate verdict when the paired confidence interval straddles a bound: warn = flag it and fail only a "
+                "drop shown beyond noise; fail = count it as failed; point = gate on the point estimates alone.")
+    confidence: float = opt(0.95, "Confidence level of the paired intervals the gates decide on.", min=0.5, max=0.999)
 
 
 @dataclass
@@ -335,20 +383,26 @@ def from_dict(cls, raw: Any, source: str, path: str = "") -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: {where} must be a mapping, got {type(raw).__name__} ({raw!r})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise RecipeError(_unknown_key_message(source, where, str(key), list(fields)))
+    problems = [_unknown_key_message(source, where, str(key), list(fields)) for key in raw if key not in fields]
     types_ = _field_types(cls)
     kwargs = {}
     for name, value in raw.items():
+        if name not in fields:
+            continue
         key_path = f"{path}.{name}" if path else name
         ftype = types_[name]
-        if dataclasses.is_dataclass(ftype):
-            kwargs[name] = from_dict(ftype, value, source, key_path)
-        else:
-            kwargs[name] = _check_value(value, ftype, fields[name].metadata, source, key_path)
-    obj = cls(**kwargs)
-    _check_cross_fields(obj, source, path)
+        try:
+            if dataclasses.is_dataclass(ftype):
+                kwargs[name] = from_dict(ftype, value, source, key_path)
+            else:
+                kwargs[name] = _check_value(value, ftype, fields[name].metadata, source, key_path)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+    if not problems:
+        obj = cls(**kwargs)
+        problems = list(_cross_field_problems(obj, source, path))
+    if problems:
+        raise RecipeError.of(problems)
     return obj
 
 
@@ -402,58 +456,68 @@ def _type_word(t) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
 
 
-def _check_cross_fields(obj: Any, source: str, path: str) -> None:
-    """Constraints that involve more than one field."""
+def _cross_field_problems(obj: Any, source: str, path: str) -> typing.Iterator[str]:
+    """Every broken constraint that involves more than one field."""
     if isinstance(obj, ExportConfig):
-        for fmt, valid in (("tflite", TFLITE_VARIANTS), ("onnx", ONNX_VARIANTS)):
+        for fmt in export_variants.FORMATS:
+            valid = export_variants.names(fmt)
             for v in getattr(obj, fmt):
                 if v not in valid:
                     close = difflib.get_close_matches(v, valid, n=1, cutoff=0.5)
                     hint = f" Did you mean '{close[0]}'?" if close else ""
-                    raise RecipeError(f"{source}: {path}.{fmt} has unknown variant {v!r}; valid "
-                                      f"{fmt} variants: {', '.join(valid)}.{hint}")
+                    yield (f"{source}: {path}.{fmt} has unknown variant {v!r}; valid "
+                           f"{fmt} variants: {', '.join(valid)}.{hint}")
+    if isinstance(obj, Int8Config):
+        for i, pattern in enumerate(obj.denylist):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                yield f"{source}: {path}.denylist[{i}] = {pattern!r} is not a regular expression ({exc})"
     if isinstance(obj, Stage2Config):
         chosen = [k for k in ("unfreeze_layers", "unfreeze_from") if getattr(obj, k) is not None]
         if len(chosen) > 1:
-            raise RecipeError(f"{source}: {path}: set only one of unfreeze_layers / unfreeze_from")
+            yield (f"{source}: {path}: set only one of unfreeze_layers / unfreeze_from")
         if obj.reduce_lr_on_plateau and obj.schedule != "constant":
-            raise RecipeError(f"{source}: {path}.reduce_lr_on_plateau cannot be combined with "
-                              f"{path}.schedule: {obj.schedule}; set one of them (schedule: constant, or "
-                              f"reduce_lr_on_plateau: false)")
+            yield (f"{source}: {path}.reduce_lr_on_plateau cannot be combined with "
+                   f"{path}.schedule: {obj.schedule}; set one of them (schedule: constant, or "
+                   f"reduce_lr_on_plateau: false)")
     if isinstance(obj, ModelConfig):
         from edgetl.backbones import BACKBONES
 
         if obj.backbone not in BACKBONES:
             close = difflib.get_close_matches(obj.backbone, list(BACKBONES), n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"{source}: {path}.backbone = {obj.backbone!r} is not a known backbone; "
-                              f"allowed values: {', '.join(BACKBONES)}.{hint}")
-        _check_heads(obj.heads, source, f"{path}.heads")
+            yield (f"{source}: {path}.backbone = {obj.backbone!r} is not a known backbone; "
+                   f"allowed values: {', '.join(BACKBONES)}.{hint}")
+        if obj.cut_at is not None and not obj.cut_at.strip():
+            yield (f"{source}: {path}.cut_at is empty; name a backbone layer (e.g. block_13_expand_relu) or "
+                   f"set null for the whole backbone")
+        yield from _head_problems(obj.heads, source, f"{path}.heads")
     if isinstance(obj, Recipe) and obj.adapt.target_data and obj.train.stage1.schedule != "constant":
-        raise RecipeError(f"{source}: train.stage1.schedule: {obj.train.stage1.schedule} is not supported with "
-                          f"adapt.target_data: domain adaptation anneals its own learning rate; use constant")
+        yield (f"{source}: train.stage1.schedule: {obj.train.stage1.schedule} is not supported with "
+               f"adapt.target_data: domain adaptation anneals its own learning rate; use constant")
     if isinstance(obj, Recipe) and obj.model.heads:
         if obj.adapt.target_data:
-            raise RecipeError(f"{source}: model.heads and adapt.target_data cannot be combined: domain adaptation "
-                              f"trains one classifier; remove one of them")
+            yield (f"{source}: model.heads and adapt.target_data cannot be combined: domain adaptation "
+                   f"trains one classifier; remove one of them")
         if obj.train.class_weight != "none":
-            raise RecipeError(f"{source}: train.class_weight: {obj.train.class_weight} is not supported with "
-                              f"model.heads; use `none` (or a head's `loss: focal` for an imbalanced task)")
+            yield (f"{source}: train.class_weight: {obj.train.class_weight} is not supported with "
+                   f"model.heads; use `none` (or a head's `loss: focal` for an imbalanced task)")
 
 
-def _check_heads(heads: list[HeadConfig], source: str, path: str) -> None:
-    """Head names: present, valid identifiers, not reserved, unique."""
+def _head_problems(heads: list[HeadConfig], source: str, path: str) -> typing.Iterator[str]:
+    """Head names that are missing, not identifiers, reserved or repeated."""
     seen = set()
     for i, head in enumerate(heads):
         where = f"{source}: {path}[{i}].name"
         if not HEAD_NAME.match(head.name):
-            raise RecipeError(f"{where} = {head.name!r}: a head needs a name that starts with a letter and holds "
-                              f"only letters, digits and _ (at most 64), e.g. `species`")
+            yield (f"{where} = {head.name!r}: a head needs a name that starts with a letter and holds "
+                   f"only letters, digits and _ (at most 64), e.g. `species`")
         if head.name in RESERVED_HEAD_NAMES or re.fullmatch(r"hidden_\d+", head.name):
-            raise RecipeError(f"{where} = {head.name!r} is the name of a layer of the classifier; reserved: "
-                              f"{', '.join(RESERVED_HEAD_NAMES)}")
+            yield (f"{where} = {head.name!r} is the name of a layer of the classifier; reserved: "
+                   f"{', '.join(RESERVED_HEAD_NAMES)}")
         if head.name in seen:
-            raise RecipeError(f"{where} = {head.name!r} is used by an earlier head; head names must be unique")
+            yield (f"{where} = {head.name!r} is used by an earlier head; head names must be unique")
         seen.add(head.name)
 
 

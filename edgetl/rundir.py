@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetl.errors import EdgetlError
 from edgetl.io import RunPaths, read_labels
 
 
@@ -24,19 +25,37 @@ def load_keras_model(path: str | os.PathLike):
     `keras.models.load_model` lets h5py read the weights inside the zip archive, and Python 3.11's zipfile
     re-reads a member from its start on every backward seek: 16 s for MobileNetV2 here. Extracting the
     weights file first and loading it with `load_weights` gives the same model in a fraction of that.
+    A file that is neither a zip archive nor HDF5 (a truncated copy loses the zip directory at its end), or an
+    archive that cannot be read, raises EdgetlError naming the file.
     """
+    import h5py
     import tf_keras as keras
 
+    damaged, fix = f"{path} is damaged or not a Keras model", "train the run again, or copy the whole file"
     if not zipfile.is_zipfile(path):
-        return keras.models.load_model(path, compile=False)  # not an archive: Keras's own error names the file
-    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="edgetl-model.") as tmp:
-        if not {"config.json", "model.weights.h5"} <= set(archive.namelist()):
+        if os.path.isfile(path) and not h5py.is_hdf5(path):
+            raise EdgetlError(f"{damaged}: a .keras file is a zip archive, and this one has no zip directory (a "
+                              f"truncated or overwritten copy?); {fix}")
+        return keras.models.load_model(path, compile=False)  # a legacy HDF5 model (or Keras's file-not-found)
+    with tempfile.TemporaryDirectory(prefix="edgetl-model.") as tmp:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                edgetl_layout = {"config.json", "model.weights.h5"} <= set(archive.namelist())
+                if edgetl_layout:
+                    config = json.loads(archive.read("config.json"))
+                    weights = archive.extract("model.weights.h5", tmp)
+        except (zipfile.BadZipFile, ValueError) as exc:  # a bad CRC, or a config.json that is not JSON
+            raise EdgetlError(f"{damaged} ({type(exc).__name__}: {exc}); {fix}") from exc
+        if not edgetl_layout:
             return keras.models.load_model(path, compile=False)  # another layout: let Keras read it
-        config = json.loads(archive.read("config.json"))
         config["compile_config"] = None
         model = keras.saving.deserialize_keras_object(config)
-        model.load_weights(archive.extract("model.weights.h5", tmp))
+        model.load_weights(weights)
     return model
+
+
+class RunDirError(EdgetlError, FileNotFoundError):
+    """A file an earlier stage should have written is missing."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,7 @@ class RunDir(RunPaths):
         """Fail with a clear message if a file an earlier stage should have written is missing."""
         for p in paths:
             if not p.exists():
-                raise FileNotFoundError(
+                raise RunDirError(
                     f"{p} is missing: {self.path} is not a finished training run "
                     f"(run `edgetl train RECIPE` first, or point at the run directory it printed)"
                 )

@@ -17,8 +17,14 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from edgetl.edge.images import ImageError, is_image_file, load_rgb
+from edgetl.errors import EdgetlError
+
 
 # kind -> (default strength, what the strength means)
+class ShiftError(EdgetlError, ValueError):
+    """The source folder, output folder or shift kind cannot be used."""
+
+
 SHIFT_KINDS = {
     "blur": (1.5, "Gaussian blur radius, percent of the shorter image side (defocus, cheap optics)"),
     "grayscale": (1.0, "mix towards luma (1 = fully gray, stored as 3-channel RGB: a monochrome sensor)"),
@@ -49,7 +55,7 @@ def shift_image(img: Image.Image, kind: str, strength: float, rng: np.random.Gen
         buf.seek(0)
         return load_rgb(buf)
     else:
-        raise ValueError(f"unknown shift kind {kind!r}; choose one of {', '.join(SHIFT_KINDS)}")
+        raise ShiftError(f"unknown shift kind {kind!r}; choose one of {', '.join(SHIFT_KINDS)}")
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -62,15 +68,15 @@ def shift_dataset(src: str | os.PathLike, out: str | os.PathLike, kind: str, see
     into place at the end, so an interrupted run leaves no partial dataset.
     """
     if kind not in SHIFT_KINDS:
-        raise ValueError(f"unknown shift kind {kind!r}; choose one of {', '.join(SHIFT_KINDS)}")
+        raise ShiftError(f"unknown shift kind {kind!r}; choose one of {', '.join(SHIFT_KINDS)}")
     src, out = Path(src).resolve(), Path(out).resolve()
     strength = SHIFT_KINDS[kind][0] if strength is None else float(strength)
     if not src.is_dir():
-        raise FileNotFoundError(f"{src}: dataset folder not found")
+        raise ShiftError(f"{src}: dataset folder not found")
     if out == src or src in out.parents:
-        raise ValueError(f"--out {out} is inside the source dataset {src}; choose a folder outside it")
+        raise ShiftError(f"--out {out} is inside the source dataset {src}; choose a folder outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists and is not empty; remove it or choose another folder")
+        raise ShiftError(f"--out {out} already exists and is not empty; remove it or choose another folder")
     files = sorted(p for p in src.rglob("*") if p.is_file() and not _hidden(p.relative_to(src)))
     images = [p for p in files if is_image_file(p)]
     others = [p for p in files if not is_image_file(p)]

@@ -58,7 +58,16 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory, tiny_data):
     """One trained tiny run shared by the tests that only read it."""
     from edgetl.recipe import recipe_from_dict
-    from edgetl.train import train
+    from edgetl.training import train
 
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_data))
     return train(recipe, run_dir=tmp_path_factory.mktemp("tiny_run") / "run", echo=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A tiny nested-model run exported once to every variant (tests/export_support.py), shared by the tests that
+    only read it; tests that export again copy the run first."""
+    from export_support import export_tiny_run
+
+    return export_tiny_run(tmp_path_factory.mktemp("tiny_export"))

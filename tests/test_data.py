@@ -3,10 +3,10 @@ import io
 
 import numpy as np
 import pytest
+from conftest import make_image_folder
 from PIL import Image
 
-from conftest import make_image_folder
-from edgetl.data import DatasetError, load_splits, make_dataset, stratified_split, Sample
+from edgetl.data import DatasetError, Sample, load_splits, make_dataset, stratified_split
 from edgetl.edge.images import ImageError, decode_image, load_rgb
 from edgetl.recipe import recipe_from_dict
 

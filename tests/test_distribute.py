@@ -3,7 +3,7 @@ MirroredStrategy (two logical CPUs) and MultiWorkerMirroredStrategy (two local w
 
 The distributed runs happen in subprocesses: logical devices and multi-worker collectives can only be
 configured before TensorFlow starts, and the rest of the suite must keep its single CPU device. They
-train a tiny stand-in backbone (`distribute_support.py`) so that per-replica tracing stays cheap.
+train the registry's `test_cnn` backbone so that per-replica tracing stays cheap.
 """
 import json
 import os
@@ -13,20 +13,28 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_recipe_dict
-from distribute_support import use_tiny_backbone
-from edgetl.distribute import (DistributeError, describe, is_chief, make_strategy, mixed_precision, read_tf_config,
-                               replicas, scaled_learning_rate, worker_cache_dir)
+
 from edgetl.recipe import DistributeConfig, recipe_from_dict
+from edgetl.training.distribute import (
+    DistributeError,
+    describe,
+    is_chief,
+    make_strategy,
+    mixed_precision,
+    read_tf_config,
+    replicas,
+    scaled_learning_rate,
+    worker_cache_dir,
+)
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
-       "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+       "PYTHONPATH": os.pathsep.join([str(TESTS.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
 # One batch per epoch (global batch 64 >= 36 training images, split 18 + 18 over two replicas), no dropout,
 # no augmentation: a distributed run then takes exactly the single-device steps, up to float summation order.
 # No validation split: it would only add per-replica tracing time.
-DIST_RECIPE = {"data": {"batch_size": 64, "val_split": 0.0},
+DIST_RECIPE = {"model": {"backbone": "test_cnn"}, "data": {"batch_size": 64, "val_split": 0.0},
                "train": {"stage1": {"epochs": 3, "learning_rate": 0.01},
                          "stage2": {"epochs": 2, "learning_rate": 1e-3}}}
 
@@ -48,7 +56,7 @@ def test_none_and_auto_on_a_cpu_machine_use_the_default_strategy():
 def test_auto_mirrors_when_more_than_one_gpu_is_visible(monkeypatch):
     import tensorflow as tf
 
-    monkeypatch.setattr("edgetl.distribute.gpu_count", lambda: 2)
+    monkeypatch.setattr("edgetl.training.distribute.gpu_count", lambda: 2)
     strategy = make_strategy(cfg(strategy="auto", devices=["/cpu:0"]))  # devices narrowed to what exists here
     assert isinstance(strategy, tf.distribute.MirroredStrategy) and replicas(strategy) == 1
     assert describe(strategy)["strategy"] == "MirroredStrategy"
@@ -99,7 +107,7 @@ def test_mixed_precision_is_scoped_and_ignored_without_gpu(monkeypatch):
     with mixed_precision(cfg(mixed_precision=True), notes.append) as active:
         assert not active and keras.mixed_precision.global_policy().name == "float32"
     assert len(notes) == 1 and "ignored: no GPU" in notes[0]
-    monkeypatch.setattr("edgetl.distribute.gpu_count", lambda: 1)
+    monkeypatch.setattr("edgetl.training.distribute.gpu_count", lambda: 1)
     with pytest.raises(RuntimeError):
         with mixed_precision(cfg(mixed_precision=True)) as active:
             assert active and keras.mixed_precision.global_policy().name == "mixed_float16"
@@ -113,22 +121,23 @@ def test_mixed_precision_training_saves_a_float32_model(tiny_data, tmp_path, mon
     import tf_keras as keras
 
     from edgetl.rundir import RunDir
-    from edgetl.train import Trainer, train
+    from edgetl.training import train
+    from edgetl.training.supervised import Trainer
 
-    monkeypatch.setattr("edgetl.distribute.gpu_count", lambda: 1)
-    use_tiny_backbone(monkeypatch)
+    monkeypatch.setattr("edgetl.training.distribute.gpu_count", lambda: 1)
     seen, convert = {}, Trainer.to_float32
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
 
     def spy(trainer):  # the trained model before and after its float32 copy
-        seen["compute"] = trainer.clf.backbone.get_layer("conv").compute_dtype
+        seen["compute"] = trainer.clf.backbone.get_layer("block1_conv").compute_dtype
         seen["output"] = trainer.clf.model.output.dtype.name
         seen["mixed_probs"] = trainer.clf.model(images, training=False).numpy()
         convert(trainer)
         seen["float32_probs"] = trainer.clf.model(images, training=False).numpy()
 
     monkeypatch.setattr(Trainer, "to_float32", spy)
-    raw = tiny_recipe_dict(tiny_data, distribute={"mixed_precision": True}, data={"val_split": 0.0},
+    raw = tiny_recipe_dict(tiny_data, model={"backbone": "test_cnn"}, distribute={"mixed_precision": True},
+                           data={"val_split": 0.0},
                            train={"stage1": {"epochs": 4, "learning_rate": 0.05}, "stage2": {"epochs": 1}})
     result = train(recipe_from_dict(raw), run_dir=tmp_path / "run", echo=lambda *_: None)
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -154,21 +163,19 @@ import edgetl
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from distribute_support import use_tiny_backbone
 from edgetl.recipe import recipe_from_dict
-from edgetl.train import train
+from edgetl.training import train
 
-use_tiny_backbone()
 train(recipe_from_dict(json.loads(sys.argv[1])), run_dir=sys.argv[2], echo=lambda *_: None)
 """
 
 
-def test_mirrored_on_two_logical_cpus_matches_single_device(tiny_data, tmp_path, monkeypatch):
+def test_mirrored_on_two_logical_cpus_matches_single_device(tiny_data, tmp_path):
     import numpy as np
 
     from edgetl.data import load_arrays, load_splits
     from edgetl.rundir import RunDir
-    from edgetl.train import train
+    from edgetl.training import train
 
     raw = tiny_recipe_dict(tiny_data, **DIST_RECIPE)
     mirrored_raw = {**raw, "distribute": {"strategy": "mirrored", "devices": ["/cpu:0", "/cpu:1"]}}
@@ -176,7 +183,6 @@ def test_mirrored_on_two_logical_cpus_matches_single_device(tiny_data, tmp_path,
                              str(tmp_path / "mirrored")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
     try:  # the single-device baseline trains here, on the second core, meanwhile
-        use_tiny_backbone(monkeypatch)
         train(recipe_from_dict(raw), run_dir=tmp_path / "single", echo=lambda *_: None)
         _, stderr = proc.communicate(timeout=240)
     finally:
@@ -209,10 +215,8 @@ def test_mirrored_on_two_logical_cpus_matches_single_device(tiny_data, tmp_path,
 WORKER_SCRIPT = """
 import json, sys
 import edgetl
-from distribute_support import use_tiny_backbone
-use_tiny_backbone()
 from edgetl.recipe import recipe_from_dict
-from edgetl.train import train
+from edgetl.training import train
 
 result = train(recipe_from_dict(json.loads(sys.argv[1])), out_root=sys.argv[2], echo=print)
 print(json.dumps({"chief": result.chief, "run_dir": str(result.run_dir), "exists": result.run_dir.exists()}))
@@ -259,7 +263,8 @@ def _run_workers(raw: dict, out_root: Path, cwd: Path) -> list[tuple[int, str, s
 
 def test_multi_worker_two_local_workers_train_and_only_the_chief_writes(tiny_data, tmp_path):
     """Disk cache on: two workers on one disk must not share tf.data cache files (each gets its own)."""
-    raw = tiny_recipe_dict(tiny_data, distribute={"strategy": "multi_worker"}, data={"val_split": 0.0, "cache": "disk"},
+    raw = tiny_recipe_dict(tiny_data, model={"backbone": "test_cnn"}, distribute={"strategy": "multi_worker"},
+                           data={"val_split": 0.0, "cache": "disk"},
                            train={"stage1": {"epochs": 1}, "stage2": {"epochs": 1}})
     out_root = tmp_path / "models"
     results = _run_workers(raw, out_root, tmp_path)

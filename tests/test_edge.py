@@ -13,8 +13,8 @@ from edge_support import CLASSES, LITERT, NUMPY_PILLOW, env_with_repo, make_venv
 
 from edgetl.edge import bench
 from edgetl.edge.images import decode_image
-from edgetl.edge.runtime import ModelError, dequantize, open_model, quantize, model_labels
-from edgetl.edge.sweep import bench_run_dir, format_sweep
+from edgetl.edge.runtime import ModelError, dequantize, model_labels, open_model, quantize
+from edgetl.edge.sweep import BenchFailed, bench_run_dir, format_sweep
 from edgetl.edge.zipapp import build_runner
 from edgetl.io import read_json
 
@@ -55,7 +55,7 @@ def litert_python(tmp_path_factory):
 
 def test_edge_imports_without_tensorflow():
     heavy = ["tensorflow", "tf_keras", "keras", "tf2onnx", "onnx", "sklearn", "matplotlib", "click", "yaml",
-             "ai_edge_litert", "onnxruntime", "torch"]
+             "ai_edge_litert", "onnxruntime", "openvino", "torch"]
     code = (
         "import sys\n"
         "import edgetl.edge, edgetl.edge.runtime, edgetl.edge.bench, edgetl.edge.evaluate, edgetl.edge.images, "
@@ -196,7 +196,7 @@ def test_labels_from_embedded_metadata_then_labels_txt(art, tmp_path):
 
 
 def test_labels_written_by_edgetl_metadata_are_read_per_head(art, tmp_path):
-    from edgetl.metadata import add_metadata
+    from edgetl.export.metadata import add_metadata
 
     data = add_metadata(art["multi_tflite"].read_bytes(), labels={"species": ["cat", "dog", "fox"], "color": ["black", "white"]},
                         name="multi", description="two heads", version="1")
@@ -302,7 +302,7 @@ def test_sweep_without_validation_writes_its_own_report(art, tmp_path):
     section = bench_run_dir(run)
     assert not (run / "validation" / "report.json").exists()
     assert read_json(run / "validation" / "edge_report.json") == {"edge": json.loads(json.dumps(section))}
-    with pytest.raises(FileNotFoundError, match="export the run first"):
+    with pytest.raises(BenchFailed, match="export the run first"):
         bench_run_dir(tmp_path / "not-a-run")
 
 

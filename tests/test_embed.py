@@ -2,14 +2,15 @@
 import shutil
 import subprocess
 
-import edgetl  # noqa: F401  (configures TensorFlow before it is imported)
 import numpy as np
 import pytest
-import tensorflow as tf
 import tf_keras as keras
+from click.testing import CliRunner
+from export_support import tflite_bytes
 
-from edgetl.embed import write_c_header
-from edgetl.metadata import MetadataError, add_metadata
+from edgetl.cli import cli
+from edgetl.export.embed import write_c_header
+from edgetl.export.metadata import MetadataError, add_metadata, read_metadata
 
 CLASSES = ["cat", "dog", "bird"]
 TRICKY = ['say "hi"', "back\\slash", "what??!", "café ü", "tab\there"]
@@ -38,7 +39,7 @@ def tiny_tflite(tmp_path_factory):
     """A tiny float model (raw pixels -> 3 classes) without and with metadata, in two folders."""
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
-    plain = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, keras.layers.Dense(3, "softmax")(x))).convert()
+    plain = tflite_bytes(keras.Model(inputs, keras.layers.Dense(3, "softmax")(x)))
     root = tmp_path_factory.mktemp("embed")
     (root / "plain").mkdir()
     (root / "plain" / "1st-model.tflite").write_bytes(plain)
@@ -85,6 +86,29 @@ def test_refuses_bad_names_and_non_models(tiny_tflite, tmp_path):
     with pytest.raises(ValueError, match="not a C identifier"):
         write_c_header(tiny_tflite / "tagged" / "model.tflite", tmp_path / "m.h", var_name="2fast")
     (tmp_path / "notes.tflite").write_bytes(np.arange(64, dtype=np.uint8).tobytes())
-    with pytest.raises(MetadataError, match="notes.tflite is not a TFLite model"):
+    with pytest.raises(MetadataError, match="notes.tflite is damaged or not a TFLite model: .* 'TFL3' is missing"):
         write_c_header(tmp_path / "notes.tflite", tmp_path / "m.h")
     assert not (tmp_path / "m.h").exists()
+
+
+def damaged_copies(model: bytes) -> dict[str, bytes]:
+    """An interrupted copy (half the file) and a garbled one (bytes overwritten after the TFL3 identifier)."""
+    garbled = bytearray(model)
+    garbled[12:64] = bytes(range(52))
+    return {"truncated": model[: len(model) // 2], "garbled": bytes(garbled)}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+@pytest.mark.parametrize("tagged", [False, True], ids=["plain", "with_metadata"])
+def test_a_damaged_model_is_named_not_a_traceback(tiny_tflite, tmp_path, damage, tagged):
+    source = tiny_tflite / ("tagged/model.tflite" if tagged else "plain/1st-model.tflite")
+    model = tmp_path / f"{damage}.tflite"
+    model.write_bytes(damaged_copies(source.read_bytes())[damage])
+    message = f"{model} is damaged or not a TFLite model"
+    with pytest.raises(MetadataError, match=message):
+        read_metadata(model)
+    with pytest.raises(MetadataError, match=message):
+        write_c_header(model, tmp_path / "m.h")
+    assert not (tmp_path / "m.h").exists()
+    done = CliRunner().invoke(cli, ["embed", str(model), "--c-header", str(tmp_path / "m.h")])
+    assert done.exit_code == 1 and f"Error: {message}" in done.output and "Traceback" not in done.output

@@ -1,11 +1,11 @@
 """Export stage: every variant converts, loads and agrees with Keras; failures and interruptions leave no file.
 
-One tiny nested MobileNetV2-style run (Rescaling -> backbone Model with Conv-BN-ReLU6, ZeroPadding,
-depthwise, projection and a residual Add -> pooling -> Dropout -> Dense) is trained on generated coloured
-squares and exported once for the whole module.
+The tiny nested run of tests/export_support.py is exported once per session (conftest's `tiny_export`);
+tests that export again work on a copy of the run without its exports/.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -14,101 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from click.testing import CliRunner
+from export_support import ALL_ONNX, ALL_TFLITE, CLASSES, SIZE
 
-import edgetl  # noqa: F401 - configures TensorFlow before it is imported
-from edgetl import export as ex
+import edgetl.export as ex
+from edgetl import variants
 from edgetl.data import load_arrays, load_splits
-from edgetl.recipe import recipe_from_dict
-from edgetl.io import atomic_write_text
+from edgetl.edge.runtime import quantize
+from edgetl.errors import EdgetlError
+from edgetl.recipe import RecipeError, recipe_from_dict
 from edgetl.rundir import RunDir
 
-SIZE = 32
-CLASSES = ("red", "green", "blue")
-ALL_TFLITE = ["fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8"]
-ALL_ONNX = ["fp32", "int8", "qat_int8"]
 # Smallest top-1 agreement with the Keras model on the test split, per artifact.
 MIN_AGREEMENT = {"tflite-fp32": 1.0, "tflite-fp16": 1.0, "tflite-dynamic": 0.9, "tflite-int8": 0.85,
-                 "tflite-qat_int8": 0.85, "tflite-pruned_int8": 0.75, "onnx-fp32": 1.0, "onnx-int8": 0.85,
-                 "onnx-qat_int8": 0.85}
-
-
-def write_images(root: Path, per_class: int = 20, seed: int = 0) -> Path:
-    """Class folders of noisy 40 px images with a bright square in the class colour."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 90, (40, 40, 3), dtype=np.uint8)
-            lo = int(rng.integers(2, 20))
-            pixels[lo:lo + 18, lo:lo + 18, c] = rng.integers(200, 256)
-            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
-    return root
-
-
-def tiny_nested_model(num_classes: int):
-    """Input -> Rescaling -> nested MobileNetV2-style backbone (training=False) -> pool -> Dropout -> Dense."""
-    import tf_keras as keras
-
-    L = keras.layers
-    inp = keras.Input((SIZE, SIZE, 3))
-    x = L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="Conv1")(inp)
-    x = L.ReLU(6.0, name="Conv1_relu")(L.BatchNormalization(name="bn_Conv1")(x))
-    shortcut = x
-    x = L.ZeroPadding2D(1, name="pad")(x)
-    x = L.DepthwiseConv2D(3, use_bias=False, name="dw")(x)
-    x = L.ReLU(6.0, name="dw_relu")(L.BatchNormalization(name="dw_BN")(x))
-    x = L.BatchNormalization(name="project_BN")(L.Conv2D(8, 1, use_bias=False, name="project")(x))
-    x = L.Add(name="add")([shortcut, x])
-    x = L.ReLU(6.0, name="out_relu")(L.BatchNormalization(name="Conv_1_bn")(L.Conv2D(16, 1, use_bias=False,
-                                                                                     name="Conv_1")(x)))
-    backbone = keras.Model(inp, x, name="tiny_backbone")
-    image = keras.Input((SIZE, SIZE, 3), name="image")
-    y = L.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(image)
-    y = backbone(y, training=False)
-    y = L.Dropout(0.1, name="dropout")(L.GlobalAveragePooling2D(name="pool")(y))
-    return keras.Model(image, L.Dense(num_classes, activation="softmax", name="predictions")(y), name="tiny")
+                 "tflite-qat_int8": 0.85, "tflite-pruned_int8": 0.75, "onnx-fp32": 1.0, "onnx-int8": 0.85}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished tiny run: recipe.yaml, labels.txt and model.keras, as `edgetl train` writes them."""
-    import tf_keras as keras
-
-    root = tmp_path_factory.mktemp("export")
-    recipe = recipe_from_dict({
-        "name": "tiny", "seed": 1,
-        "data": {"source": str(write_images(root / "data")), "image_size": SIZE, "batch_size": 16},
-        "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "weights": None},
-        "export": {"tflite": ALL_TFLITE, "onnx": ALL_ONNX, "io": "uint8", "representative_samples": 24,
-                   "qat": {"epochs": 1, "learning_rate": 1e-4},
-                   "pruning": {"target_sparsity": 0.5, "epochs": 4, "learning_rate": 1e-2}}})
-    splits = load_splits(recipe)
-    images, labels = load_arrays(splits.train, SIZE)
-    keras.utils.set_random_seed(0)
-    model = tiny_nested_model(len(CLASSES))
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    model.fit(images.astype(np.float32), labels, epochs=12, batch_size=16, verbose=0)
-    run = RunDir(root / "run")
-    run.path.mkdir()
-    atomic_write_text(run.recipe_path, recipe.to_yaml())
-    atomic_write_text(run.labels_path, "\n".join(splits.class_names) + "\n")
-    model.save(run.model_path)
-    return run.path
-
-
-@pytest.fixture(scope="module")
-def exported(run_dir):
-    """Every variant of both formats, exported once (the recipe's lists)."""
-    lines = []
-    result = ex.export_run(run_dir, echo=lines.append)
-    return result, lines
-
-
-@pytest.fixture(scope="module")
-def test_set(run_dir):
+def test_set(tiny_export):
     """Test-split pixels and the Keras model's predictions on them."""
-    run = RunDir(run_dir)
+    run = RunDir(tiny_export.run_dir)
     splits = load_splits(run.load_recipe())
     images, labels = load_arrays(splits.test, SIZE)
     probs = run.load_model().predict(images.astype(np.float32), verbose=0)
@@ -117,6 +42,10 @@ def test_set(run_dir):
 
 def artifacts(result) -> dict:
     return {a["name"]: a for a in result.manifest["artifacts"]}
+
+
+def exports(tiny_export) -> Path:
+    return Path(tiny_export.run_dir) / "exports"
 
 
 def fresh_copy(run_dir: Path, tmp_path: Path) -> Path:
@@ -140,8 +69,7 @@ def predict(path: Path, images: np.ndarray) -> np.ndarray:
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     top1 = []
     for image in images:
-        interpreter.set_tensor(inp["index"], ex.to_input_dtype(image[None].astype(np.float32), inp["dtype"],
-                                                               *inp["quantization"]))
+        interpreter.set_tensor(inp["index"], quantize(image[None], np.dtype(inp["dtype"]).name, *inp["quantization"]))
         interpreter.invoke()
         top1.append(int(interpreter.get_tensor(out["index"])[0].argmax()))
     return np.array(top1)
@@ -150,43 +78,62 @@ def predict(path: Path, images: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_every_variant_is_written_with_a_complete_manifest(run_dir, exported):
-    result, lines = exported
-    out = Path(run_dir) / "exports"
+def test_every_variant_is_written_with_a_complete_manifest(tiny_export):
+    result, lines, out = tiny_export.result, tiny_export.lines, exports(tiny_export)
     found = artifacts(result)
     assert result.failed == []
     assert list(found) == [f"tflite-{v}" for v in ALL_TFLITE] + [f"onnx-{v}" for v in ALL_ONNX]
     assert json.loads((out / "manifest.json").read_text()) == result.manifest
     assert (out / "labels.txt").read_text().split() == list(sorted(CLASSES))
+    assert set(result.manifest["preparation"]) == {"flatten", "qat", "pruning"}
+    versions = result.manifest["versions"]
+    assert all(versions[d] for d in ("python", "edgetl", "tensorflow", "tf2onnx", "onnxruntime", "ai-edge-litert"))
     for name, entry in found.items():
-        if name == "onnx-qat_int8" and entry["status"] == "not_supported":
-            assert "tf2onnx" in entry["error"] and not list(out.glob(f"{name}.*"))
-            continue
+        if name == "onnx-qat_int8":
+            continue  # not_supported: test_onnx_qat_int8_is_not_supported_while_tf2onnx_drops_the_weight_quantizers
         assert entry["status"] == "ok", entry["error"]
+        assert entry["path"] == variants.find(entry["format"], entry["variant"]).filename
         data = (out / entry["path"]).read_bytes()
         assert entry["size_bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
         assert entry["gzip_bytes"] == len(gzip.compress(data, compresslevel=9, mtime=0))
         assert entry["input"]["shape"] == [None, SIZE, SIZE, 3] and entry["outputs"][0]["shape"][-1] == 3
-        assert entry["converter"] and entry["quantization"]["scheme"] and entry["seconds"] >= 0
+        assert entry["converter"] and entry["seconds"] >= 0
+        assert entry["quantization"]["scheme"] == variants.find(entry["format"], entry["variant"]).scheme
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
     assert len([line for line in lines if line.startswith(("tflite-", "onnx-"))]) == len(found)
 
 
-def test_each_artifact_agrees_with_keras(run_dir, exported, test_set):
+def test_onnx_qat_int8_is_not_supported_while_tf2onnx_drops_the_weight_quantizers(tiny_export):
+    """tf2onnx folds FakeQuantWithMinMaxVarsPerChannel into float weights: that graph is no int8 model."""
+    from edgetl.export.onnx import _require_int8_weights
+
+    entry = artifacts(tiny_export.result)["onnx-qat_int8"]
+    assert entry["status"] == "not_supported" and entry["path"] is None and entry["size_bytes"] is None
+    assert entry["error"].startswith("NotSupported: tf2onnx") and "FakeQuantWithMinMaxVarsPerChannel" in entry["error"]
+    assert not list(exports(tiny_export).glob("onnx-qat_int8*"))
+    # The check that decided it tells a static-QDQ int8 graph (weights through DequantizeLinear) from a float one.
+    import onnx
+
+    _require_int8_weights(onnx.load(str(exports(tiny_export) / "onnx-int8.onnx")))
+    with pytest.raises(ex.NotSupported, match="float weights"):
+        _require_int8_weights(onnx.load(str(exports(tiny_export) / "onnx-fp32.onnx")))
+
+
+def test_each_artifact_agrees_with_keras(tiny_export, test_set):
     images, labels, probs = test_set
     keras_top1 = probs.argmax(1)
     assert np.mean(keras_top1 == labels) >= 0.9  # the tiny model learned the task
-    for name, entry in artifacts(exported[0]).items():
-        if entry["status"] != "ok":
-            continue
-        agreement = np.mean(predict(Path(run_dir) / "exports" / entry["path"], images) == keras_top1)
+    ok = {name: entry for name, entry in artifacts(tiny_export.result).items() if entry["status"] == "ok"}
+    assert set(ok) == set(MIN_AGREEMENT)
+    for name, entry in ok.items():
+        agreement = np.mean(predict(exports(tiny_export) / entry["path"], images) == keras_top1)
         assert agreement >= MIN_AGREEMENT[name], f"{name}: top-1 agreement {agreement:.2f}"
 
 
-def test_integer_io_takes_camera_bytes_and_tflite_carries_metadata(run_dir, exported):
-    from edgetl.metadata import read_metadata
+def test_integer_io_takes_camera_bytes_and_tflite_carries_metadata(tiny_export):
+    from edgetl.export.metadata import read_metadata
 
-    found = artifacts(exported[0])
+    found = artifacts(tiny_export.result)
     for variant in ("int8", "qat_int8", "pruned_int8"):
         entry = found[f"tflite-{variant}"]
         assert entry["input"] | {"name": None} == {"name": None, "dtype": "uint8", "shape": [None, SIZE, SIZE, 3],
@@ -195,17 +142,20 @@ def test_integer_io_takes_camera_bytes_and_tflite_carries_metadata(run_dir, expo
     assert found["tflite-fp32"]["input"]["dtype"] == "float32" and found["tflite-fp32"]["input"]["scale"] is None
     for entry in found.values():
         if entry["format"] == "tflite":
-            meta = read_metadata(Path(run_dir) / "exports" / entry["path"])
+            meta = read_metadata(exports(tiny_export) / entry["path"])
             assert meta["labels"] == sorted(CLASSES) and meta["input_mean"] == [0.0] and meta["input_std"] == [1.0]
+            assert meta["name"] == f"tiny {entry['name']}"
 
 
-def test_qat_flattens_the_nested_model_and_reports_float_layers(exported):
-    result = exported[0]
+def test_qat_flattens_the_nested_model_and_reports_float_layers(tiny_export):
+    result = tiny_export.result
     prep = result.manifest["preparation"]
     assert prep["flatten"]["max_abs_diff"] <= 1e-5
     assert prep["qat"]["layers_left_float"] == ["preprocess"]
     assert prep["qat"]["calibrated_ranges"] == 7  # 3 ReLU6, projection BN, Add, pool, logits
-    assert artifacts(result)["tflite-qat_int8"]["layers_left_float"] == ["preprocess"]
+    qat = artifacts(result)["tflite-qat_int8"]
+    assert qat["layers_left_float"] == ["preprocess"]
+    assert (qat["quantization"]["finetune_epochs"], qat["quantization"]["learning_rate"]) == (1, 1e-4)
 
 
 def int8_weight_zeros(path: Path) -> float:
@@ -220,51 +170,121 @@ def int8_weight_zeros(path: Path) -> float:
     return float(np.mean(np.concatenate(weights) == 0))
 
 
-def test_pruning_reaches_the_target_sparsity_and_shrinks_gzip(run_dir, exported):
-    found = artifacts(exported[0])
+def test_pruning_reaches_the_target_sparsity_and_shrinks_gzip(tiny_export):
+    found = artifacts(tiny_export.result)
     sparsity = found["tflite-pruned_int8"]["sparsity"]
     assert sparsity["target"] == 0.5 and sparsity["overall"] >= 0.49
     assert set(sparsity["layers"]) == {"Conv1", "project", "Conv_1", "predictions"}  # depthwise stays dense
     # erk allocation: the big first conv loses most, the small head stays dense
     assert sparsity["layers"]["Conv1"] > 0.7 and sparsity["layers"]["predictions"] == 0.0
-    pruning = exported[0].manifest["preparation"]["pruning"]
+    pruning = tiny_export.result.manifest["preparation"]["pruning"]
     assert pruning["allocation"] == "erk" and pruning["distill"] and "val_predictions_loss" in pruning["history"]
-    exports = Path(run_dir) / "exports"
-    assert int8_weight_zeros(exports / "tflite-pruned_int8.tflite") >= 0.49  # int8 conversion keeps the zeros
-    assert int8_weight_zeros(exports / "tflite-int8.tflite") < 0.2
+    assert int8_weight_zeros(exports(tiny_export) / "tflite-pruned_int8.tflite") >= 0.49  # int8 keeps the zeros
+    assert int8_weight_zeros(exports(tiny_export) / "tflite-int8.tflite") < 0.2
     assert found["tflite-pruned_int8"]["gzip_bytes"] < found["tflite-int8"]["gzip_bytes"]
 
 
-def test_onnx_has_named_input_and_dynamic_batch(run_dir, exported):
+def test_onnx_int8_records_the_integer_types_its_graph_holds(tiny_export):
+    """The manifest's activation_type / weight_type are what quantize_static produced: unsigned 8-bit (U8U8)."""
+    import onnx
     import onnxruntime as ort
 
-    entry = artifacts(exported[0])["onnx-int8"]
-    session = ort.InferenceSession(str(Path(run_dir) / "exports" / entry["path"]), providers=["CPUExecutionProvider"])
+    entry = artifacts(tiny_export.result)["onnx-int8"]
+    path = exports(tiny_export) / entry["path"]
+    graph = onnx.load(str(path)).graph
+    dtypes = {init.name: onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name for init in graph.initializer}
+    activations = {dtypes[node.input[2]] for node in graph.node if node.op_type == "QuantizeLinear"}
+    dequantized = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    weights = {dtypes[dequantized[node.input[1]]] for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")}
+    assert activations == {entry["quantization"]["activation_type"]} == {"uint8"}
+    assert weights == {entry["quantization"]["weight_type"]} == {"uint8"}
+    assert entry["quantization"]["per_channel"] and entry["quantization"]["calibrate_method"] == "MinMax"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    ops = {node.op_type for node in __import__("onnx").load(str(Path(run_dir) / "exports" / entry["path"])).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    batch = np.zeros((5, SIZE, SIZE, 3), np.float32)
-    assert session.run(None, {"image": batch})[0].shape == (5, 3)
+    assert session.run(None, {"image": np.zeros((5, SIZE, SIZE, 3), np.float32)})[0].shape == (5, 3)
 
 
-def test_unknown_variant_is_refused_before_any_work(run_dir, tmp_path):
-    run = fresh_copy(run_dir, tmp_path)
-    with pytest.raises(ex.ExportError, match="valid tflite variants: fp32, fp16, dynamic, int8, qat_int8, pruned_int8"):
+def test_int16x8_has_int16_activations_float_io_and_agrees_with_fp32(tiny_export, test_set, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    result = ex.export_run(fresh_copy(tiny_export.run_dir, tmp_path), tflite=["int16x8"], onnx=[], echo=lambda _: None)
+    (entry,) = result.manifest["artifacts"]
+    assert entry["status"] == "ok", entry["error"]
+    assert entry["input"]["dtype"] == entry["outputs"][0]["dtype"] == "float32"
+    assert entry["quantization"]["activations"] == "int16" and entry["quantization"]["calibration_samples"] == 24
+    path = tmp_path / "run" / "exports" / entry["path"]
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    dtypes = {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    assert {"int16", "int8"} <= dtypes
+    images = test_set[0]
+    fp32 = predict(exports(tiny_export) / "tflite-fp32.tflite", images)
+    assert np.mean(predict(path, images) == fp32) >= 0.95
+
+
+def test_the_table_is_what_recipe_check_formats_and_export_read(tiny_export, tmp_path, monkeypatch):
+    assert len({v.key for v in variants.VARIANTS}) == len(variants.VARIANTS) and variants.FORMATS == ("tflite", "onnx")
+    for row in variants.VARIANTS:
+        assert callable(row.builder()) and callable(row.grapher()) and callable(row.inspector())
+        assert row.filename == f"{row.format}-{row.name}{row.suffix}" and row.suffix == f".{row.format}"
+    assert variants.find("tflite", "int8").needs == (variants.CALIBRATION,)
+    assert variants.find("onnx", "qat_int8").needs == (variants.FINETUNE, variants.FLAT)
+    # One more row (and a builder: fp16's) is one more variant for the recipe, --formats and the export.
+    monkeypatch.setattr(variants, "VARIANTS", variants.VARIANTS + (
+        dataclasses.replace(variants.find("tflite", "fp16"), name="half", scheme="float16, by another name"),))
+    assert recipe_from_dict({"export": {"tflite": ["half"]}}).export.tflite == ["half"]
+    listed = "fp32, fp16, dynamic, int8, qat_int8, pruned_int8, int16x8, int8_repaired, half"
+    with pytest.raises(RecipeError, match=f"valid tflite variants: {listed}"):
+        recipe_from_dict({"export": {"tflite": ["quarter"]}})
+    assert ex.parse_formats(["tflite:half"]) == (["half"], [])
+    result = ex.export_run(fresh_copy(tiny_export.run_dir, tmp_path), tflite=["half"], onnx=[], echo=lambda _: None)
+    (entry,) = result.manifest["artifacts"]
+    assert (entry["name"], entry["status"], entry["path"]) == ("tflite-half", "ok", "tflite-half.tflite")
+    assert entry["quantization"] == {"scheme": "float16, by another name"}
+
+
+def test_unknown_variant_is_refused_before_any_work(tiny_export, tmp_path):
+    run = fresh_copy(tiny_export.run_dir, tmp_path)
+    listed = "fp32, fp16, dynamic, int8, qat_int8, pruned_int8, int16x8, int8_repaired"
+    with pytest.raises(ex.ExportError, match=f"valid tflite variants: {listed}"):
         ex.export_run(run, tflite=["int8", "int4"], onnx=[])
-    with pytest.raises(ex.ExportError, match="valid onnx variants: fp32, int8, qat_int8"):
+    with pytest.raises(ex.ExportError, match="valid onnx variants: fp32, int8, int8_repaired, qat_int8"):
         ex.export_run(run, tflite=["int8"], onnx=["fp16"])
     with pytest.raises(ex.ExportError, match="no variants to export"):
         ex.export_run(run, tflite=[], onnx=[])
     assert not (run / "exports").exists()
 
 
-def test_a_failing_variant_leaves_no_file_and_the_others_export(run_dir, tmp_path, monkeypatch):
-    run = fresh_copy(run_dir, tmp_path)
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_damaged_model_keras_is_named_in_one_line(tiny_export, tmp_path, damage):
+    from edgetl.cli import cli
 
-    def broken(fp32, calibration):
+    run = fresh_copy(tiny_export.run_dir, tmp_path)
+    model = RunDir(run).model_path
+    data = bytearray(model.read_bytes())
+    if damage == "truncated":  # an interrupted copy: the zip directory at the end is gone
+        del data[len(data) // 2:]
+    else:  # flipped bytes inside the weights: the archive's CRC check fails
+        start = data.index(b"model.weights.h5") + 4096
+        data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    model.write_bytes(bytes(data))
+    with pytest.raises(EdgetlError, match=f"{model} is damaged or not a Keras model"):
+        ex.export_run(run, tflite=["fp32"], onnx=[])
+    assert not (run / "exports").exists()
+    done = CliRunner().invoke(cli, ["export", str(run), "--formats", "tflite:fp32"])
+    assert done.exit_code == 1 and f"Error: {model} is damaged or not a Keras model" in done.output
+    assert "Traceback" not in done.output and "file signature not found" not in done.output
+
+
+def test_a_failing_variant_leaves_no_file_and_the_others_export(tiny_export, tmp_path, monkeypatch):
+    from edgetl.export import onnx
+
+    run = fresh_copy(tiny_export.run_dir, tmp_path)
+
+    def broken(pre, calibration, **_):
         raise RuntimeError("quantizer exploded")
 
-    monkeypatch.setattr(ex, "quantize_onnx_static", broken)
+    monkeypatch.setattr(onnx, "quantize_pre_processed", broken)
     result = ex.export_run(run, tflite=[], onnx=["int8", "fp32"], echo=lambda _: None)
     found = artifacts(result)
     assert result.failed == ["onnx-int8"]
@@ -273,8 +293,8 @@ def test_a_failing_variant_leaves_no_file_and_the_others_export(run_dir, tmp_pat
     assert sorted(p.name for p in (run / "exports").iterdir()) == ["labels.txt", "manifest.json", "onnx-fp32.onnx"]
 
 
-def test_an_interrupted_write_leaves_nothing_half_written(run_dir, tmp_path, monkeypatch):
-    run = fresh_copy(run_dir, tmp_path)
+def test_an_interrupted_write_leaves_nothing_half_written(tiny_export, tmp_path, monkeypatch):
+    run = fresh_copy(tiny_export.run_dir, tmp_path)
     real_write = Path.write_bytes
 
     def interrupted(self, data):
@@ -293,11 +313,11 @@ def test_an_interrupted_write_leaves_nothing_half_written(run_dir, tmp_path, mon
 
 
 def test_flatten_inlines_keras_mobilenet_v2_with_identical_outputs():
-    import tf_keras as keras
     import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
 
     from edgetl.backbones import build_classifier
-    from edgetl.optimize import check_same_outputs, flatten_model
+    from edgetl.export.optimize import check_same_outputs, flatten_model
 
     model = build_classifier(3, "mobilenet_v2", SIZE, alpha=0.35, weights=None).model
     with pytest.raises(ValueError, match="inside another"):
@@ -307,6 +327,24 @@ def test_flatten_inlines_keras_mobilenet_v2_with_identical_outputs():
     assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
     assert len(flat.layers) == len(model.layers) - 1 + len(model.get_layer(index=2).layers) - 1
     assert check_same_outputs(model, flat, images) <= 1e-6
+
+
+def test_the_cache_builds_once_and_remembers_a_failure():
+    from edgetl.export.cache import Cache
+
+    cache, calls = Cache(), []
+
+    def failing():
+        calls.append("qat")
+        raise RuntimeError("fine-tune diverged")
+
+    for _ in range(2):  # tflite-qat_int8, then onnx-qat_int8: one fine-tune, the same error
+        with pytest.raises(RuntimeError, match="fine-tune diverged"):
+            cache.get("qat", failing)
+    assert calls == ["qat"]
+    assert cache.prepare("flatten", lambda: ("flat model", {"layers": 3})) == "flat model"
+    assert cache.prepare("flatten", lambda: pytest.fail("built twice")) == "flat model"
+    assert cache.reports == {"flatten": {"layers": 3}}
 
 
 def test_parse_formats():

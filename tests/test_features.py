@@ -6,8 +6,16 @@ import pytest
 
 from edgetl.backbones import get_spec
 from edgetl.data import decode_images
-from edgetl.features import (backbone_layers, default_layers, extract_features, feature_model, list_layers,
-                             load_features, probe, save_features)
+from edgetl.features import (
+    backbone_layers,
+    default_layers,
+    extract_features,
+    feature_model,
+    list_layers,
+    load_features,
+    probe,
+    save_features,
+)
 from edgetl.rundir import RunDir
 
 LAYERS = ["block_1_expand_relu", "out_relu"]

@@ -1,17 +1,20 @@
 """TFLite metadata: round trip, unchanged inference, and MediaPipe's ImageClassifier naming the classes."""
 import json
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import edgetl  # noqa: F401  (configures TensorFlow before it is imported)
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 from ai_edge_litert import schema_py_generated as tfl
 from ai_edge_litert.interpreter import Interpreter
+from export_support import tflite_bytes
 
-from edgetl.metadata import MetadataError, MetadataWarning, add_metadata, read_metadata
+from edgetl.export.metadata import MetadataError, MetadataWarning, add_metadata, read_metadata
 
 CLASSES = ["red", "green", "blue"]
 META = dict(name="tiny colours", description="Tells red, green and blue images apart.", version="3")
@@ -61,14 +64,7 @@ def tiny_models() -> dict[str, bytes]:
     test_images, test_labels = colour_images(5, seed=1)
     assert (model.predict(test_images.astype(np.float32), verbose=0).argmax(1) == test_labels).all()
 
-    fp32 = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([img[None].astype(np.float32)] for img in images)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    return {"fp32": fp32, "uint8": converter.convert()}
+    return {"fp32": tflite_bytes(model), "uint8": tflite_bytes(model, images)}
 
 
 def with_metadata(model: bytes, **overrides) -> bytes:
@@ -171,17 +167,35 @@ def test_reads_googles_reference_metadata():
     assert len(meta["labels"]) == 1001 and meta["labels"][:2] == ["background", "tench, Tinca tinca"]
 
 
+# MediaPipe lives in a venv of its own (`make install` creates it: its absl-py pin conflicts with tfmot's).
+MEDIAPIPE_PYTHON = Path(sys.prefix) / "mediapipe" / "bin" / "python"
+MEDIAPIPE_SCRIPT = """
+import json, sys
+import mediapipe as mp
+import numpy as np
+from mediapipe.tasks.python import BaseOptions, vision
+
+model, images = sys.argv[1], np.load(sys.argv[2])
+options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model))
+with vision.ImageClassifier.create_from_options(options) as classifier:
+    results = [classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+               for image in images]
+json.dump([[(h.head_name, {c.category_name: c.score for c in h.categories}) for h in r.classifications]
+           for r in results], sys.stdout)
+"""
+
+
 def mediapipe_heads(model: bytes, images: np.ndarray) -> list[list[tuple[str, dict[str, float]]]]:
     """MediaPipe ImageClassifier's (head name, {category name: score}) per head, for each image."""
-    mp = pytest.importorskip("mediapipe", reason="mediapipe is a test-only extra (pip install mediapipe --no-deps)")
-    from mediapipe.tasks.python import BaseOptions, vision
-
-    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_buffer=model))
-    with vision.ImageClassifier.create_from_options(options) as classifier:
-        results = [classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
-                   for image in images]
-    return [[(head.head_name, {c.category_name: c.score for c in head.categories}) for head in r.classifications]
-            for r in results]
+    if not MEDIAPIPE_PYTHON.exists():
+        pytest.skip(f"{MEDIAPIPE_PYTHON} is absent: `make install` creates MediaPipe's own venv")
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "model.tflite").write_bytes(model)
+        np.save(Path(tmp, "images.npy"), images)
+        done = subprocess.run([str(MEDIAPIPE_PYTHON), "-c", MEDIAPIPE_SCRIPT, str(Path(tmp, "model.tflite")),
+                               str(Path(tmp, "images.npy"))], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [[(name, scores) for name, scores in heads] for heads in json.loads(done.stdout)]
 
 
 @pytest.mark.parametrize("kind", ["fp32", "uint8"])

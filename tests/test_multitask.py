@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import COLORS, draw_image, tiny_recipe_dict
 from PIL import Image
 
-from conftest import COLORS, draw_image, tiny_recipe_dict
 from edgetl.data import DatasetError, load_arrays, load_splits
-from edgetl.recipe import RecipeError, load_recipe, recipe_from_dict
 from edgetl.io import atomic_write_text, read_json
+from edgetl.recipe import RecipeError, load_recipe, recipe_from_dict
 from edgetl.rundir import RunDir
 
 HEADS = ["color", "brightness"]
@@ -141,7 +141,7 @@ def test_two_heads_train_with_their_own_labels(trained, two_task):
 
 def test_exports_expose_one_named_output_per_head(exported):
     from edgetl.edge.runtime import open_model
-    from edgetl.metadata import read_metadata
+    from edgetl.export.metadata import read_metadata
 
     run, manifest, _ = exported
     entries = {a["name"]: a for a in manifest["artifacts"]}
@@ -169,7 +169,7 @@ def test_exports_expose_one_named_output_per_head(exported):
 
 
 def test_validation_reports_every_head(exported):
-    from edgetl.report import format_table
+    from edgetl.validate import format_table
 
     run, _, report = exported
     assert report["data"]["heads"] == {"color": sorted(COLORS), "brightness": ["bright", "dark"]}

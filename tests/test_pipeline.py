@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import yaml
-
-import edgetl.train
-import edgetl.validate
 from conftest import tiny_recipe_dict
+
+import edgetl.training
+import edgetl.validate
+from edgetl.io import read_json
 from edgetl.pipeline import MARKER, STAGES, PipelineError, default_run_dir, resolve_data_source, run_pipeline
 from edgetl.recipe import load_recipe
-from edgetl.io import read_json
 from edgetl.rundir import RunDir
 
 
@@ -47,7 +47,7 @@ def _mtimes(run: RunDir) -> dict:
 def test_first_run_trains_exports_and_validates(first, recipe_path):
     result, run = first["result"], first["run"]
     recipe = load_recipe(recipe_path)
-    resolve_data_source(recipe)
+    recipe = resolve_data_source(recipe)
     assert result.ran == list(STAGES) and result.skipped == []
     assert run.path == default_run_dir(first["out"], recipe) and run.path.name == f"run-{recipe.fingerprint()}"
     assert run.load_recipe().fingerprint() == recipe.fingerprint()  # recipe.yaml reproduces the run's identity
@@ -142,7 +142,7 @@ def test_interrupted_training_starts_the_run_over(first, tmp_path, recipe_path, 
         seen["left"] = sorted(p.name for p in run_dir.iterdir())
         raise Interrupted
 
-    monkeypatch.setattr(edgetl.train, "train", fake_train)
+    monkeypatch.setattr(edgetl.training, "train", fake_train)
     with pytest.raises(Interrupted):
         run_pipeline(recipe_path, run_dir=run_dir, echo=lambda *_: None)
     assert seen["left"] == [MARKER]  # model, exports and validation of the unfinished run are gone
@@ -152,7 +152,7 @@ def test_changed_recipe_gets_a_new_run_and_is_said(first, recipe_path, monkeypat
     def fake_train(recipe, run_dir=None, **_):
         raise Interrupted
 
-    monkeypatch.setattr(edgetl.train, "train", fake_train)
+    monkeypatch.setattr(edgetl.training, "train", fake_train)
     log: list[str] = []
     with pytest.raises(Interrupted):
         run_pipeline(recipe_path, overrides=["train.stage1.epochs=3"], out_root=first["out"], echo=log.append)
@@ -163,12 +163,12 @@ def test_changed_recipe_gets_a_new_run_and_is_said(first, recipe_path, monkeypat
 
 def test_data_dir_is_part_of_the_run_identity(recipe_path, tiny_data, tmp_path, monkeypatch):
     default = load_recipe(recipe_path)
-    resolve_data_source(default)
+    default = resolve_data_source(default)
     same = load_recipe(recipe_path)
     monkeypatch.chdir(tiny_data.parent)
-    resolve_data_source(same, tiny_data.name)  # a relative --data naming the same folder
+    same = resolve_data_source(same, tiny_data.name)  # a relative --data naming the same folder
     other = load_recipe(recipe_path)
-    resolve_data_source(other, tmp_path)
+    other = resolve_data_source(other, tmp_path)
     assert default.fingerprint() == same.fingerprint() != other.fingerprint()
     assert default_run_dir("m", default) != default_run_dir("m", other)
 

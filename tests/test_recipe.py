@@ -117,3 +117,26 @@ def test_cli_recipe_show(tmp_path):
     assert "batch_size: 64" in result.output and out.exists()
     bad = runner.invoke(cli, ["recipe", "show", str(RECIPES / "demo.yaml"), "--set", "data.batchsize=1"])
     assert bad.exit_code == 1 and "Did you mean 'batch_size'" in bad.output
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "data: {batch_size: -3, imgae_size: 96}\nmodel: {backbone: mobilenet_v9}\n"
+                           "train: {stage1: {epochs: ten}}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert len(err.value.problems) == 4
+    msg = str(err.value)
+    assert msg.startswith("4 problems in the recipe:")
+    for part in ("'imgae_size' in data. Did you mean 'image_size'?", "data.batch_size = -3 is out of range",
+                 "model.backbone = 'mobilenet_v9'", "train.stage1.epochs must be an integer"):
+        assert part in msg
+    assert all(p.startswith(f"{path}:") for p in err.value.problems)
+
+
+def test_cli_shows_expected_errors_in_one_line_and_tracebacks_with_debug(tmp_path):
+    path = write(tmp_path, "model: {backbone: mobilenet_v9}\n")
+    plain = CliRunner().invoke(cli, ["recipe", "show", str(path)])
+    assert plain.exit_code == 1 and "Traceback" not in plain.output
+    assert plain.output.startswith("Error: ") and "is not a known backbone" in plain.output
+    debug = CliRunner().invoke(cli, ["--debug", "recipe", "show", str(path)])
+    assert isinstance(debug.exception, RecipeError)

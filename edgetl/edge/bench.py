@@ -16,16 +16,21 @@ from typing import List, Optional, Sequence, Tuple
 import edgetl
 from edgetl.edge.evaluate import evaluate_images
 from edgetl.edge.images import RESIZE_MODES
-from edgetl.edge.runtime import ModelError, RuntimeMissingError, model_labels, open_model, peak_rss_mb
+from edgetl.edge.runtime import RUNTIMES, ModelError, RuntimeMissingError, model_labels, open_model, peak_rss_mb, resolve_runtime
+from edgetl.errors import EdgetlError
 from edgetl.io import atomic_write_json
 
 XNNPACK_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
 EXIT_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
 
 
+class BenchError(EdgetlError, ValueError):
+    """A bench option the runner cannot use."""
+
+
 @dataclass(frozen=True)
 class BenchOptions:
-    """What to measure: thread counts, timed/warm-up runs, batch, XNNPACK modes (TFLite), optional images."""
+    """What to measure: thread counts, timed/warm-up runs, batch, XNNPACK modes (LiteRT), optional images, runtime."""
 
     threads: Tuple[int, ...] = (1, 2, 4)
     runs: int = 50
@@ -35,12 +40,13 @@ class BenchOptions:
     images: Optional[str] = None
     labels: Optional[str] = None
     resize: str = "plain"
+    runtime: str = "auto"
 
     def to_args(self) -> List[str]:
         """The edgetl-bench command-line options that reproduce these options (for the runner elsewhere)."""
         args = ["--threads", ",".join(map(str, self.threads)), "--runs", str(self.runs),
                 "--warmup", str(self.warmup), "--batch", str(self.batch), "--xnnpack", self.xnnpack,
-                "--resize", self.resize]
+                "--resize", self.resize, "--runtime", self.runtime]
         if self.images:
             args += ["--images", str(self.images)]
         if self.labels:
@@ -51,11 +57,11 @@ class BenchOptions:
 def run_bench(model_path, options: BenchOptions = BenchOptions()) -> dict:
     """Benchmark one artifact: a latency row per (threads, XNNPACK) and predictions for `options.images`."""
     path = Path(model_path)
-    modes = XNNPACK_MODES[options.xnnpack] if path.suffix.lower() == ".tflite" else (None,)
+    modes = XNNPACK_MODES[options.xnnpack] if resolve_runtime(path, options.runtime) == "litert" else (None,)
     latency, doc = [], {}
     for threads in options.threads:
         for xnnpack in modes:
-            runner = open_model(path, threads=threads, xnnpack=xnnpack is not False)
+            runner = open_model(path, threads=threads, xnnpack=xnnpack is not False, runtime=options.runtime)
             stats = runner.time_invoke(batch=options.batch, runs=options.runs, warmup=options.warmup)
             latency.append({"threads": threads, "xnnpack": xnnpack, "load_time_s": runner.load_time_s, **stats.to_dict()})
             if not doc:
@@ -170,7 +176,7 @@ def parse_threads(text: str) -> Tuple[int, ...]:
     except ValueError:
         threads = ()
     if not threads or min(threads) < 1:
-        raise ValueError(f"{text!r} is not a comma-separated list of thread counts >= 1, e.g. 1,2,4")
+        raise BenchError(f"{text!r} is not a comma-separated list of thread counts >= 1, e.g. 1,2,4")
     return threads
 
 
@@ -204,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=_non_negative, default=defaults.warmup, help="untimed runs first (default 5)")
     parser.add_argument("--batch", type=_positive, default=defaults.batch, help="batch size to time (default 1)")
     parser.add_argument("--xnnpack", choices=sorted(XNNPACK_MODES), default=defaults.xnnpack,
-                        help="TFLite: time with the XNNPACK delegate on, off or both (default both)")
+                        help="LiteRT: time with the XNNPACK delegate on, off or both (default both)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=defaults.runtime,
+                        help="auto (default): LiteRT for .tflite, ONNX Runtime for .onnx; openvino reads both")
     parser.add_argument("--images", help="folder of images: one subfolder per class (accuracy) or flat")
     parser.add_argument("--labels", help="labels file, one class per line (default: model metadata, else labels.txt beside it)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default=defaults.resize, help="how images are resized (default plain)")
@@ -217,7 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; exit 0 ok, 1 failed (bad model/images), 2 usage, 3 no runtime installed."""
     args = build_parser().parse_args(argv)
     options = BenchOptions(threads=args.threads, runs=args.runs, warmup=args.warmup, batch=args.batch,
-                           xnnpack=args.xnnpack, images=args.images, labels=args.labels, resize=args.resize)
+                           xnnpack=args.xnnpack, images=args.images, labels=args.labels, resize=args.resize,
+                           runtime=args.runtime)
     try:
         doc = run_bench(args.model, options)
     except RuntimeMissingError as exc:

@@ -11,11 +11,12 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from edgetl.edge.images import IMAGE_EXTENSIONS, ImageError, decode_image, is_image_file
+from edgetl.errors import EdgetlError
 
 CHUNK = 32
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(EdgetlError, ValueError):
     """An images folder that does not fit either layout, or class folders that the labels do not name."""
 
 

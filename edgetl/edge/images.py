@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from edgetl.errors import EdgetlError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 RESIZE_MODES = ("plain", "center_crop")
 
 
-class ImageError(ValueError):
+class ImageError(EdgetlError, ValueError):
     """A file that cannot be used as an image; `reason` says why in a few words."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
@@ -66,7 +68,7 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
 def resize(img: Image.Image, size: int, mode: str = "plain") -> Image.Image:
     """Resize to size x size: `plain` stretches, `center_crop` keeps the aspect ratio and crops."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        raise ImageError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
     if mode == "center_crop":
         return ImageOps.fit(img, (size, size), method=Image.BILINEAR)
     return img.resize((size, size), Image.BILINEAR)

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 
 from edgetl.edge.bench import EXIT_ENVIRONMENT, BenchOptions, format_table
 from edgetl.edge.zipapp import build_runner
+from edgetl.errors import EdgetlError
 
 SSH_FAILED = 255  # ssh's own exit status for connection and authentication failures
 NOT_FOUND = 127  # the shell's status for a command it cannot find
@@ -27,7 +28,7 @@ DIR_MARKER = "edgetl-remote-dir: "
 _TARGET = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?$")
 
 
-class RemoteError(RuntimeError):
+class RemoteError(EdgetlError, RuntimeError):
     """A remote benchmark that failed; the message is one line naming the cause and the fix."""
 
 

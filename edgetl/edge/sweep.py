@@ -7,16 +7,15 @@ TensorFlow; the CLI uses the same for the host side of a remote comparison.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import edgetl
 from edgetl.edge.bench import BenchOptions, device_facts, format_table
+from edgetl.edge.process import error_line, run_module
 from edgetl.edge.runtime import MODEL_SUFFIXES
+from edgetl.errors import EdgetlError
 from edgetl.io import RunPaths, atomic_write_json, read_json
 
 REPORT_FIELDS = ("model", "latency", "peak_rss_mb", "accuracy", "images")
@@ -32,7 +31,7 @@ def bench_run_dir(run_dir, options: BenchOptions = BenchOptions(), timeout_s: fl
     run = RunPaths(run_dir)
     manifest_path = run.exports_dir / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} is missing: export the run first (`edgetl export {run.path}`)")
+        raise BenchFailed(f"{manifest_path} is missing: export the run first (`edgetl export {run.path}`)")
     if not options.labels and run.labels_path.is_file():
         options = replace(options, labels=str(run.labels_path))
     entries = [_bench_artifact(run.exports_dir, artifact, options, timeout_s)
@@ -62,7 +61,7 @@ def _bench_artifact(exports_dir: Path, artifact: dict, options: BenchOptions, ti
     return {**entry, **{key: doc.get(key) for key in REPORT_FIELDS}}
 
 
-class BenchFailed(RuntimeError):
+class BenchFailed(EdgetlError, RuntimeError):
     """The runner process failed; the message is its one-line error."""
 
 
@@ -70,23 +69,14 @@ def bench_in_subprocess(model_path, options: BenchOptions = BenchOptions(), time
     """The edgetl-bench document for one model, measured in a fresh `python -m edgetl.edge.bench` process."""
     with tempfile.TemporaryDirectory(prefix="edgetl-bench.") as tmp:
         out = Path(tmp) / "result.json"
-        argv = [sys.executable, "-m", "edgetl.edge.bench", str(model_path), "--json", str(out), *options.to_args()]
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=_runner_env())
+            result = run_module("edgetl.edge.bench", [str(model_path), "--json", str(out), *options.to_args()],
+                                timeout_s)
         except subprocess.TimeoutExpired:
             raise BenchFailed(f"{model_path}: runner did not finish within {timeout_s:.0f} s") from None
         if result.returncode != 0:
-            lines = [line for line in result.stderr.splitlines() if line.strip()]
-            raise BenchFailed((lines[-1] if lines else f"runner exit status {result.returncode}")
-                              .replace("edgetl-bench: error: ", ""))
+            raise BenchFailed(error_line(result, "runner").replace("edgetl-bench: error: ", ""))
         return json.loads(out.read_text(encoding="utf-8"))
-
-
-def _runner_env() -> dict:
-    """This environment with the directory holding the edgetl package first on PYTHONPATH."""
-    root = str(Path(edgetl.__file__).resolve().parent.parent)
-    parts = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(parts)}
 
 
 def format_sweep(section: dict) -> str:

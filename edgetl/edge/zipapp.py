@@ -2,6 +2,9 @@
 
 The board needs only Python 3.8+, NumPy, Pillow and a runtime; the archive carries the edgetl code
 (`edgetl/__init__.py`, `edgetl/rundir.py` for atomic writes, `edgetl/edge/*.py`) and nothing else.
+`python3 runner.pyz serve TARGET...` runs the inference server (`edgetl.edge.serve`), which also needs
+uvicorn, starlette and prometheus-client (`pip install uvicorn starlette prometheus-client httptools uvloop`;
+httptools and uvloop are optional and triple the requests per second).
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ try:
 except ImportError as exc:
     sys.stderr.write("edgetl-bench: error: %%s on this machine: pip install numpy pillow\\n" %% exc)
     sys.exit(3)
+if sys.argv[1:2] == ["serve"]:
+    from edgetl.edge.serve import main
+    sys.exit(main(sys.argv[2:], prog="runner.pyz serve"))
 from edgetl.edge.bench import main
 sys.exit(main())
 ''' % (MIN_PYTHON, MIN_PYTHON[0], MIN_PYTHON[1])
@@ -33,7 +39,8 @@ sys.exit(main())
 def runner_sources() -> dict:
     """Archive name -> source file for everything the runner needs."""
     package = Path(edgetl.__file__).parent
-    files = [package / "__init__.py", package / "io.py", package / "errors.py", *sorted((package / "edge").glob("*.py"))]
+    files = [package / "__init__.py", package / "io.py", package / "errors.py", *sorted((package / "edge").glob("*.py")),
+             *sorted((package / "edge" / "serve").glob("*.py"))]
     return {path.relative_to(package.parent).as_posix(): path for path in files}
 
 

@@ -11,8 +11,14 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from edgetl.metadata import NoMetadataError, read_metadata, require_tflite
-from edgetl.io import atomic_write_text
+from edgetl.errors import EdgetlError
+from edgetl.export.metadata import NoMetadataError, check_tflite, read_metadata
+from edgetl.io import atomic_write_text, read_labels
+
+
+class EmbedError(EdgetlError, ValueError):
+    """An embedding request that cannot be met (a variable name that is not a C identifier)."""
+
 
 _BYTES_PER_LINE = 12
 _HEX = [f"0x{b:02x}" for b in range(256)]
@@ -41,19 +47,27 @@ def write_c_header(
     *,
     var_name: str | None = None,
     labels: Sequence[str] | None = None,
+    arena_size: int | None = None,
 ) -> Path:
     """Write `out_h` defining NAME[] (the model bytes, 16-byte aligned), NAME_len, and, when there are
     class names, NAME_labels[] and NAME_num_labels. NAME defaults to the model file's stem; labels
-    default to the model's metadata, else labels.txt beside the model (none: no label arrays)."""
+    default to the model's metadata, else labels.txt beside the model (none: no label arrays).
+    `arena_size` (bytes, measured by edgetl.export.micro.find_arena) adds `#define NAME_TENSOR_ARENA_SIZE`."""
     tflite_path = Path(tflite_path)
     data = tflite_path.read_bytes()
-    require_tflite(data, str(tflite_path))
-    name = var_name or _identifier_from(tflite_path.stem)
-    if not _IDENTIFIER.fullmatch(name):
-        raise ValueError(f"var_name {name!r} is not a C identifier (letters, digits, _; not starting with a digit)")
+    check_tflite(data, str(tflite_path))
+    name = c_name(tflite_path, var_name)
     if labels is None:
-        labels = _default_labels(data, tflite_path)
-    return atomic_write_text(out_h, _header_text(data, name, list(labels), tflite_path.name))
+        labels = _default_labels(tflite_path)
+    return atomic_write_text(out_h, _header_text(data, name, list(labels), tflite_path.name, arena_size))
+
+
+def c_name(tflite_path: str | os.PathLike, var_name: str | None = None) -> str:
+    """The C identifier of the model's arrays: `var_name` (checked), else made from the file's stem."""
+    name = var_name or _identifier_from(Path(tflite_path).stem)
+    if not _IDENTIFIER.fullmatch(name):
+        raise EmbedError(f"var_name {name!r} is not a C identifier (letters, digits, _; not starting with a digit)")
+    return name
 
 
 def _identifier_from(stem: str) -> str:
@@ -61,18 +75,18 @@ def _identifier_from(stem: str) -> str:
     return f"model_{name}" if name[0].isdigit() else name
 
 
-def _default_labels(data: bytes, tflite_path: Path) -> list[str]:
+def _default_labels(tflite_path: Path) -> list[str]:
     try:
-        labels = read_metadata(data)["labels"]
+        labels = read_metadata(tflite_path)["labels"]
     except NoMetadataError:
         labels = None
     beside = tflite_path.parent / "labels.txt"
     if labels is None and beside.exists():
-        labels = [line for line in beside.read_text(encoding="utf-8").splitlines() if line]
+        labels = read_labels(beside)
     return labels or []
 
 
-def _header_text(data: bytes, name: str, labels: list[str], source: str) -> str:
+def _header_text(data: bytes, name: str, labels: list[str], source: str, arena_size: int | None = None) -> str:
     guard = f"EDGETL_{name.upper()}_H_"
     rows = (", ".join(map(_HEX.__getitem__, data[i:i + _BYTES_PER_LINE])) for i in range(0, len(data), _BYTES_PER_LINE))
     lines = [
@@ -88,6 +102,13 @@ def _header_text(data: bytes, name: str, labels: list[str], source: str) -> str:
         "};",
         f"const unsigned int {name}_len = {len(data)};",
     ]
+    if arena_size is not None:
+        lines += [
+            "",
+            "// Tensor arena in bytes: the smallest that the TFLM interpreter allocated this model in, plus the",
+            "// margin of `edgetl embed --micro` (its RAM/flash table). Check: MicroInterpreter::arena_used_bytes().",
+            f"#define {name.upper()}_TENSOR_ARENA_SIZE {int(arena_size)}",
+        ]
     if labels:
         lines += [
             "",

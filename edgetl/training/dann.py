@@ -23,13 +23,12 @@ import tensorflow as tf
 import tf_keras as keras
 
 from edgetl.backbones import POOL_LAYER
-from edgetl.data import DatasetError, Sample, Skipped, check_image, load_splits, scan_class_folders, make_dataset
-from edgetl.distribute import describe
+from edgetl.data import DatasetError, Sample, Skipped, check_image, scan_class_folders
 from edgetl.edge.images import is_image_file
 from edgetl.metrics import classification_metrics
-from edgetl.recipe import Recipe
-from edgetl.rundir import RunDir
-from edgetl.train import Trainer, TrainResult, write_run, class_weights, new_run_dir
+from edgetl.recipe import Recipe, RecipeError
+from edgetl.training.common import TrainerBase, TrainResult, describe_splits, open_run_dir, start_run, write_run
+from edgetl.training.distribute import describe
 
 
 def reverse_gradient(x, coefficient):
@@ -114,6 +113,7 @@ def fit_dann_head(recipe: Recipe, source, labels, target, num_classes: int, doma
     source, target = np.asarray(source, np.float32), np.asarray(target, np.float32)
     head = build_dann_head(source.shape[1], num_classes, recipe)
     optimizer = keras.optimizers.Adam(stage.learning_rate)
+    optimizer.build(head.trainer.trainable_variables)  # slots exist before `step` is traced: it is traced once
     class_loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.train.label_smoothing,
                                                          reduction="none")
     domain_loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
@@ -161,7 +161,7 @@ def fit_dann_head(recipe: Recipe, source, labels, target, num_classes: int, doma
         row = dict(zip(("loss", "accuracy", "domain_loss", "domain_accuracy"), sums / len(source)))
         row["grl_coefficient"] = float(head.grl.coefficient.numpy())
         if val is not None:
-            probs = head.classifier.predict(val[0], batch_size=256, verbose=0)
+            probs = head.classifier(val[0], training=False).numpy()  # a few small matmuls: no predict loop to trace
             row["val_loss"] = float(keras.losses.categorical_crossentropy(
                 keras.utils.to_categorical(val[1], num_classes), probs).numpy().mean())
             row["val_accuracy"] = float(np.mean(np.argmax(probs, 1) == val[1]))
@@ -204,8 +204,9 @@ def target_samples(folder: str | os.PathLike) -> tuple[list[Sample], list[Skippe
     return good, [Skipped(p, err) for p, err in zip(paths, errors) if err is not None]
 
 
-class DannTrainer(Trainer):
-    """A Trainer whose one training stage is DANN on cached backbone features (plus the baseline)."""
+class DannTrainer(TrainerBase):
+    """The recipe's classifier with DANN as its one training stage, on backbone features computed once, plus the
+    source-only baseline. No augmented or per-epoch input pipelines: every image passes the backbone once."""
 
     def __init__(self, recipe: Recipe, splits, target: list[Sample], target_test: list[Sample], echo=print):
         super().__init__(recipe, splits, echo)
@@ -216,31 +217,28 @@ class DannTrainer(Trainer):
     def use_feature_cache(self) -> bool:
         return True
 
-    def _features(self, samples: list[Sample]) -> np.ndarray:
-        d = self.recipe.data
-        ds = make_dataset(samples, self.size, d.resize, d.batch_size, cache="none")
-        return self.clf.features.predict(ds, verbose=0)
-
     def adapt(self) -> None:
-        """Cache features once, then train the source-only baseline and DANN heads with the same budget."""
+        """Cache features once, then train the source-only baseline and DANN heads with the same budget.
+
+        Both heads start from the same seeded initializers and see the same seeded batches, so the global seed
+        (set once for the run) needs no reset between them.
+        """
         t0 = time.perf_counter()
-        groups = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test,
-                  "target": self.target, "target_test": self.target_test}
-        self.feats = {name: self._features(samples) for name, samples in groups.items() if samples}
+        self.feats = self.backbone_features({"train": self.splits.train, "val": self.splits.val,
+                                             "test": self.splits.test, "target": self.target,
+                                             "target_test": self.target_test})
         self.timings["feature_extraction_s"] = round(time.perf_counter() - t0, 2)
         self.echo(f"  backbone features for {sum(len(f) for f in self.feats.values())} images "
                   f"in {self.timings['feature_extraction_s']:.1f}s")
         labels = np.array([s.label for s in self.splits.train])
         val = (self.feats["val"], np.array([s.label for s in self.splits.val])) if self.splits.val else None
-        weights = class_weights(self.splits, self.recipe.train.class_weight)
         n, epochs = self.splits.num_classes, self.recipe.train.stage1.epochs
         for name, weight in (("source_only", 0.0), ("dann", self.recipe.adapt.domain_loss_weight)):
             t1 = time.perf_counter()
-            keras.utils.set_random_seed(self.recipe.seed)
             self.echo(f"{'DANN' if name == 'dann' else 'source-only baseline'}: {epochs} epochs, "
                       f"domain loss weight {weight:g}")
             self.heads[name] = fit_dann_head(self.recipe, self.feats["train"], labels, self.feats["target"], n,
-                                             weight, val, weights, self.echo)
+                                             weight, val, self.class_weight, self.echo)
             self.timings[f"{name}_s"] = round(time.perf_counter() - t1, 2)
         self.clf = dataclasses.replace(self.clf, model=assemble_classifier(self.clf, self.heads["dann"].classifier),
                                        head=self.heads["dann"].classifier)
@@ -248,7 +246,7 @@ class DannTrainer(Trainer):
 
     def evaluate_head(self, name: str, group: str, samples: list[Sample]) -> dict:
         """Metrics of a trained head on cached features of `group`."""
-        probs = self.heads[name].classifier.predict(self.feats[group], batch_size=256, verbose=0)
+        probs = self.heads[name].classifier(self.feats[group], training=False).numpy()
         return classification_metrics(np.array([s.label for s in samples]), probs, self.splits.class_names)
 
 
@@ -262,12 +260,9 @@ def train_dann(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None,
     """
     cfg = recipe.adapt
     if not cfg.target_data:
-        raise ValueError("adapt.target_data is not set: name a folder of unlabeled deployment images")
+        raise RecipeError("adapt.target_data is not set: name a folder of unlabeled deployment images")
     t_start = time.perf_counter()
-    keras.utils.set_random_seed(recipe.seed)
-    splits = load_splits(recipe, data_dir)
-    if data_dir is not None:
-        recipe.data.source = str(Path(splits.root))
+    recipe, splits = start_run(recipe, data_dir)
     target, target_skipped = target_samples(cfg.target_data)
     target_test, test_skipped = [], []
     if cfg.target_test:
@@ -279,10 +274,8 @@ def train_dann(recipe: Recipe, data_dir=None, run_dir: str | Path | None = None,
             raise DatasetError(f"adapt.target_test: no readable images in class folders of {root} "
                                f"(classes: {', '.join(splits.class_names)})")
     splits.skipped += target_skipped + test_skipped
-    run = RunDir(Path(run_dir) if run_dir else new_run_dir(out_root, recipe.name))
-    run.path.mkdir(parents=True, exist_ok=True)
-    echo(f"dataset {splits.source} ({splits.root}): {splits.num_classes} classes, {len(splits.train)} train / "
-         f"{len(splits.val)} val / {len(splits.test)} test images; target domain: {len(target)} unlabeled images"
+    run = open_run_dir(recipe, run_dir, out_root)
+    echo(f"{describe_splits(splits)}; target domain: {len(target)} unlabeled images"
          + (f", {len(target_test)} labeled target test images" if target_test else ""))
     for note in _ignored_settings(recipe, target, target_test):
         echo(f"  note: {note}")

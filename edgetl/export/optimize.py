@@ -6,14 +6,24 @@ weights (and `check_same_outputs` proves it computes the same thing). `quantize_
 layer the default 8-bit scheme supports and leaves the rest (preprocessing, hard-swish, ...) in float;
 `prune` wraps the Conv2D/Dense kernels with a polynomial-decay magnitude-pruning schedule, each to its
 share of the target (`layer_sparsities`), and `distill` fine-tunes it toward the float model.
-Nothing here converts to a file format; `edgetl.export` does that.
+The preparations the export stage runs (`prepare_flat`, `prepare_qat`, `prepare_pruning`) return
+(Prepared model, report for the manifest's `preparation`). Nothing here converts to a file format.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+from edgetl.errors import EdgetlError
+
+if TYPE_CHECKING:
+    from edgetl.export.inputs import FinetuneData
+    from edgetl.recipe import FinetuneConfig, PruningConfig
 
 # Kernels `prune` sparsifies (tfmot's pruning registry leaves DepthwiseConv2D dense: it has few weights).
 PRUNED_TYPES = ("Conv2D", "Dense")
@@ -21,8 +31,73 @@ PRUNED_TYPES = ("Conv2D", "Dense")
 BN_PARENTS = ("Conv2D", "DepthwiseConv2D", "Dense")
 
 
-class OptimizeError(RuntimeError):
+class OptimizeError(EdgetlError, RuntimeError):
     """A model could not be prepared (flattening changed the outputs, nothing to quantize, ...)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A Keras model to convert, and what preparing it changed (copied into its artifacts' manifest entries)."""
+
+    model: object  # keras.Model
+    layers_left_float: list[str] = field(default_factory=list)  # layers QAT left in float
+    sparsity: dict | None = None  # `sparsity_report` of a pruned model
+    settings: dict = field(default_factory=dict)  # fine-tune settings, recorded under the artifact's quantization
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The preparations of the export stage
+
+
+def prepare_flat(model, images: np.ndarray) -> tuple[object, dict]:
+    """(`model` as one functional graph, outputs checked equal on `images`, BatchNorm frozen; its report)."""
+    t0 = time.perf_counter()
+    flat = flatten_model(model)
+    diff = check_same_outputs(model, flat, images)
+    freeze_batchnorm(flat)
+    return flat, {"layers": len(flat.layers), "max_abs_diff": diff, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def prepare_qat(flat, calibration: np.ndarray, data: FinetuneData, cfg: FinetuneConfig,
+                echo: Callable[[str], None] = print) -> tuple[Prepared, dict]:
+    """(quantization-aware copy of `flat`, ranges calibrated, fine-tuned per `cfg`; its report)."""
+    t0 = time.perf_counter()
+    qat = quantize_aware(flat)
+    ranges = calibrate_quantizers(qat.model, flat, calibration)
+    echo(f"quantization-aware training: {cfg.epochs} epochs at lr {cfg.learning_rate:g}; "
+         f"{len(qat.layers_left_float)} layers left float")
+    history = finetune(qat.model, data.train, data.val, cfg.epochs, cfg.learning_rate)
+    widened = floor_weight_ranges(qat.model)
+    report = {"epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "layers_left_float": qat.layers_left_float,
+              "calibrated_ranges": ranges, "widened_weight_channels": widened, "history": history,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    settings = {"finetune_epochs": cfg.epochs, "learning_rate": cfg.learning_rate}
+    return Prepared(qat.model, qat.layers_left_float, settings=settings), report
+
+
+def prepare_pruning(flat, data: FinetuneData, cfg: PruningConfig,
+                    echo: Callable[[str], None] = print) -> tuple[Prepared, dict]:
+    """(pruned copy of `flat`, fine-tuned per `cfg` and stripped of its wrappers; its report)."""
+    import tensorflow_model_optimization as tfmot
+
+    t0 = time.perf_counter()
+    plan = PruningPlan.for_training(cfg.target_sparsity, data.steps_per_epoch, cfg.epochs)
+    echo(f"pruning to {cfg.target_sparsity:.0%} sparsity ({cfg.allocation} allocation): {cfg.epochs} epochs "
+         f"at lr {cfg.learning_rate:g}{', distilled from the float model' if cfg.distill else ''} "
+         f"(target reached at step {plan.end_step})")
+    model = prune(flat, plan, cfg.allocation)
+    fit = partial(distill, teacher=flat) if cfg.distill else finetune
+    history = fit(model, train_ds=data.train, val_ds=data.val, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                  callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    stripped = strip_pruning(model)
+    sparsity = sparsity_report(stripped, cfg.target_sparsity)
+    report = {"target_sparsity": cfg.target_sparsity, "allocation": cfg.allocation, "distill": cfg.distill,
+              "epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "end_step": plan.end_step,
+              "frequency": plan.frequency, "achieved": sparsity["overall"], "history": history,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    settings = {"target_sparsity": cfg.target_sparsity, "finetune_epochs": cfg.epochs,
+                "learning_rate": cfg.learning_rate}
+    return Prepared(stripped, sparsity=sparsity, settings=settings), report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,13 +185,7 @@ def freeze_batchnorm(model) -> None:
 # Quantization-aware training
 
 
-@dataclass
-class QatModel:
-    model: object  # keras.Model with fake-quantization wrappers
-    layers_left_float: list[str]
-
-
-def quantize_aware(flat_model) -> QatModel:
+def quantize_aware(flat_model) -> Prepared:
     """Annotate what tfmot's default 8-bit registry supports, leave the rest float, apply QAT wrappers.
 
     BatchNorm has no quantize config of its own; it is annotated when it directly follows a linear
@@ -124,8 +193,8 @@ def quantize_aware(flat_model) -> QatModel:
     fake-quantized per channel (see `_per_channel_scheme`). Start the result with `calibrate_quantizers`
     and end its fine-tune with `floor_weight_ranges`.
     """
-    import tf_keras as keras
     import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
 
     quant = tfmot.quantization.keras
     registry = quant.default_8bit.Default8BitQuantizeRegistry()
@@ -143,7 +212,7 @@ def quantize_aware(flat_model) -> QatModel:
     marked = keras.models.clone_model(flat_model, clone_function=annotate)
     with quant.quantize_scope():
         qat = quant.quantize_apply(marked, _per_channel_scheme())
-    return QatModel(qat, left_float)
+    return Prepared(qat, left_float)
 
 
 def _foldable_batchnorm(layer, annotated: set[str]) -> bool:
@@ -167,9 +236,9 @@ def _per_channel_scheme():
     channel, and MobileNet depthwise channels differ in range by orders of magnitude: per-tensor
     fake quantization rounds the small channels to zero and the QAT model trains towards a broken net.
     """
-    import tf_keras as keras
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
 
     quant = tfmot.quantization.keras
 
@@ -352,8 +421,8 @@ def prune(flat_model, plan: PruningPlan, allocation: str = "erk"):
 
     Train with UpdatePruningStep. Layers allocated 0 stay unwrapped.
     """
-    import tf_keras as keras
     import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
 
     sparsity = tfmot.sparsity.keras
     targets = layer_sparsities(flat_model, plan.target, allocation)

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from edgetl.errors import EdgetlError
+
 TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                      '"task": {"type": "worker", "index": 0}}')
 
 
-class DistributeError(ValueError):
+class DistributeError(EdgetlError, ValueError):
     """A distribution setting that cannot work; the message names the setting and the fix."""
 
 

@@ -9,9 +9,10 @@ mediapipe cannot be a dependency, so the few tables needed are built and read he
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,6 +22,9 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 from flatbuffers.table import Table
+
+from edgetl.errors import EdgetlError
+from edgetl.io import embedded_labels_name
 
 METADATA_NAME = "TFLITE_METADATA"
 _METADATA_IDENTIFIER = b"M001"
@@ -40,7 +44,7 @@ _INT_RANGES = {tfl.TensorType.UINT8: (0.0, 255.0), tfl.TensorType.INT8: (-128.0,
 Labels = Union[Sequence[str], Mapping[Union[int, str], Sequence[str]]]
 
 
-class MetadataError(ValueError):
+class MetadataError(EdgetlError, ValueError):
     """The model or the metadata asked for is not valid (the message names what and how to fix it)."""
 
 
@@ -117,21 +121,28 @@ def read_metadata(tflite: bytes | str | os.PathLike) -> dict:
     """
     is_path = isinstance(tflite, (str, os.PathLike))
     data, where = (Path(tflite).read_bytes(), str(tflite)) if is_path else (bytes(tflite), "the model")
-    require_tflite(data, where)
-    raw = _metadata_buffer(data)
+    model = _read_model_object(data, where)
+    with _damaged(where):
+        raw = _metadata_buffer(model)
     if raw is None:
         raise NoMetadataError(
-            f"{where} has no TFLite metadata (no 'TFLITE_METADATA' entry); add it with edgetl.metadata.add_metadata"
+            f"{where} has no TFLite metadata (no 'TFLITE_METADATA' entry); add it with "
+            f"edgetl.export.metadata.add_metadata"
         )
     if len(raw) < 8 or not flatbuffers.util.BufferHasIdentifier(raw, 0, _METADATA_IDENTIFIER):
         raise MetadataError(
             f"the TFLITE_METADATA buffer of {where} is not a metadata flatbuffer (identifier {raw[4:8]!r})"
         )
-    files = _zip_files(data)
+    with _damaged(where):
+        return _read_tables(raw, _zip_files(data), where)
+
+
+def _read_tables(raw: bytes, files: dict[str, bytes], where: str) -> dict:
+    """The fields of read_metadata from the ModelMetadata flatbuffer `raw` and the associated `files`."""
     root = _Reader(raw, flatbuffers.encode.Get(flatbuffers.packer.uoffset, raw, 0))
     subgraphs = root.tables(3)
     inputs = subgraphs[0].tables(2) if subgraphs else []
-    outputs = [_read_output(t, files) for t in (subgraphs[0].tables(3) if subgraphs else [])]
+    outputs = [_read_output(t, files, where) for t in (subgraphs[0].tables(3) if subgraphs else [])]
     norm = _find_normalization(inputs[0]) if inputs else None
     stats = inputs[0].table(5) if inputs else None
     return {
@@ -153,19 +164,38 @@ def read_metadata(tflite: bytes | str | os.PathLike) -> dict:
 
 # --- the TFLite model ---------------------------------------------------------------------------------
 
-def require_tflite(data: bytes, where: str = "the model") -> None:
+def _require_identifier(data: bytes, where: str) -> None:
     """Raise MetadataError unless `data` starts like a TFLite flatbuffer (identifier "TFL3")."""
     if len(data) < 8 or not flatbuffers.util.BufferHasIdentifier(data, 0, _MODEL_IDENTIFIER):
-        raise MetadataError(f"{where} is not a TFLite model: the flatbuffer identifier 'TFL3' is missing")
+        raise MetadataError(f"{where} is damaged or not a TFLite model: the flatbuffer identifier 'TFL3' is missing")
 
 
-def _read_model_object(tflite_bytes: bytes) -> tfl.ModelT:
+def check_tflite(data: bytes, where: str = "the model") -> None:
+    """Raise MetadataError unless `data` is a whole TFLite flatbuffer (every table and vector inside the file)."""
+    _read_model_object(data, where)
+
+
+def _read_model_object(tflite_bytes: bytes, where: str = "the model") -> tfl.ModelT:
+    """The model as objects; reading every table finds the truncated and garbled files the identifier misses."""
     data = bytes(tflite_bytes)
-    require_tflite(data)
-    model = tfl.ModelT.InitFromPackedBuf(data, 0)
+    _require_identifier(data, where)
+    with _damaged(where):
+        model = tfl.ModelT.InitFromPackedBuf(data, 0)
     if any(b.offset for b in model.buffers or []):
-        raise MetadataError("models that keep weights outside the flatbuffer (over 2 GB) are not supported")
+        raise MetadataError(f"{where}: models that keep weights outside the flatbuffer (over 2 GB) are not supported")
     return model
+
+
+@contextlib.contextmanager
+def _damaged(where: str):
+    """A flatbuffer read that runs off the data or finds nonsense (offsets, sizes, text) becomes a MetadataError."""
+    try:
+        yield
+    except (struct.error, ValueError, TypeError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
+        if isinstance(exc, MetadataError):
+            raise
+        raise MetadataError(f"{where} is damaged or not a TFLite model: its flatbuffer cannot be read "
+                            f"({type(exc).__name__}: {exc}); export it again, or copy the whole file") from exc
 
 
 class _AlignedBuilder(flatbuffers.Builder):
@@ -200,13 +230,11 @@ def _set_metadata_buffer(model: tfl.ModelT, metadata: bytes) -> None:
         model.buffers[entry.buffer] = buffer
 
 
-def _metadata_buffer(data: bytes) -> bytes | None:
-    model = tfl.Model.GetRootAs(data, 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if _text(entry.Name()) == METADATA_NAME:
-            buffer = model.Buffers(entry.Buffer())
-            return buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b""
+def _metadata_buffer(model: tfl.ModelT) -> bytes | None:
+    for entry in model.metadata or []:
+        if _text(entry.name) == METADATA_NAME:
+            data = model.buffers[entry.buffer].data
+            return b"" if data is None else np.asarray(data, dtype=np.uint8).tobytes()
     return None
 
 
@@ -226,7 +254,7 @@ def _label_files(labels: Labels, heads: list[str], subgraph: tfl.SubGraphT) -> d
         files = {}
         for key, names in labels.items():
             pos = _output_position(key, heads, subgraph)
-            files[pos] = (f"labels_{_file_stem(heads[pos])}.txt", list(names))
+            files[pos] = (embedded_labels_name(heads[pos]), list(names))
     elif isinstance(labels, str) or len(heads) != 1:
         raise MetadataError(
             f"labels must be a list of class names for a single-output model, or a dict "
@@ -258,10 +286,6 @@ def _output_position(key: int | str, heads: list[str], subgraph: tfl.SubGraphT) 
         if key in names:
             return names.index(key)
     raise MetadataError(f"labels key {key!r} is not an output of the model; outputs: {heads} (or 0..{len(heads) - 1})")
-
-
-def _file_stem(head: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", head).strip("_.") or "output"
 
 
 def _normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -444,11 +468,12 @@ def _find_normalization(tensor: _Reader) -> _Reader | None:
     return None
 
 
-def _read_output(tensor: _Reader, files: dict[str, bytes]) -> dict:
+def _read_output(tensor: _Reader, files: dict[str, bytes], where: str) -> dict:
     label_file = next((f.string(0) for f in tensor.tables(6) if f.byte(2) == _TENSOR_AXIS_LABELS), None)
     labels = None
     if label_file is not None:
         if label_file not in files:
-            raise MetadataError(f"the metadata names label file {label_file!r}, but the model's zip does not hold it")
+            raise MetadataError(f"{where} is damaged or incomplete: its metadata names label file {label_file!r}, "
+                                f"but the zip appended to the model does not hold it (a truncated copy?)")
         labels = [line for line in files[label_file].decode("utf-8").splitlines() if line]
     return {"name": tensor.string(0), "label_file": label_file, "labels": labels}

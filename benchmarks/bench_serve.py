@@ -1,0 +1,334 @@
+"""Serving benchmark (issue 15): `edgetl serve` against the bare interpreter, loaded by `hey` on loopback.
+
+Targets, as ratios measured in one run on this machine:
+  1. p50 latency at concurrency 1 <= 1.15x the bare interpreter's decode+invoke of the same JPEG
+     (same interpreter and thread count; the two are timed in interleaved rounds).
+  2. throughput at concurrency 8 >= 0.9x the best bare decode+invoke throughput, best over thread counts
+     and interpreter copies (one Python thread per copy). The server runs that best configuration; the two
+     are measured in interleaved rounds and compared by their medians.
+  3. at 2x saturation (rate-limited hey clients in 8 staggered hey processes offering twice the throughput
+     of 2.): 503s shed the excess and nothing else fails, the server's RSS stays flat (grows by at most 2 %
+     from the end of the phase's first quarter to its end), and p99 of the accepted requests <= 3x the
+     unloaded p99 of 1. The p99 target is judged with one queued request per worker (--max-queue WORKERS,
+     the setting for a latency bound, phase 3b); phase 3 shows the same load on the server of 2., whose
+     queue admits all 8 clients and so makes an admitted request wait about 8 / throughput.
+  4. server RSS with the model loaded <= 150 MB (its peak, VmHWM, over the whole run).
+
+The model is an int8 MobileNetV2 224 .tflite: MODEL if given, else the newest `tflite-int8.tflite` of a
+models/flowers_mobilenet_v2/ run, else the Coral reference `tf2_mobilenet_v2_1.0_224_ptq.tflite` from
+../shared/reference as a stand-in (said so in the output). Requests are POST /v2/models/m/classify with
+a flowers5 JPEG (decoded and resized on the server, as the bare loop decodes it).
+
+The load generator is `hey` (Debian: `apt-get install hey`); it is not part of CI.
+
+    .venv/bin/python benchmarks/bench_serve.py [MODEL.tflite] [--image JPEG] [--seconds 10] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm")
+STREAMS = 8
+TARGETS = {"latency_ratio": 1.15, "throughput_ratio": 0.9, "overload_p99_ratio": 3.0, "rss_mb": 150.0}
+
+
+def default_model() -> tuple[Path, str]:
+    """(model, where it came from): the newest flowers-run tflite-int8, else the reference stand-in."""
+    runs = sorted((REPO / "models").glob("flowers_mobilenet_v2/*/exports/tflite-int8.tflite"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        return runs[-1], "flowers run"
+    return REFERENCE, "STAND-IN: Coral reference int8 MobileNetV2 (no flowers run under models/)"
+
+
+def default_image() -> Path:
+    images = sorted((SHARED / "data" / "flowers5" / "test").rglob("*.jpg"))
+    if not images:
+        raise SystemExit("no flowers5 test JPEG found; pass --image FILE.jpg")
+    return images[0]
+
+
+def cpu_facts() -> dict:
+    """CPU model, core count and the SIMD flags that decide int8 kernel speed."""
+    text = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set((re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())
+    return {"cpu": model.group(1) if model else platform.processor(), "cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags], "load_average": os.getloadavg()}
+
+
+# ---------------------------------------------------------------- bare interpreter
+def bare_latency(runner, data: bytes, size: int, resize: str, runs: int) -> list[float]:
+    """Milliseconds of decode_image + predict of one JPEG, `runs` times."""
+    from edgetl.edge.images import decode_image
+
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.predict(decode_image(io.BytesIO(data), size, resize)[None])
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def bare_throughput(model: Path, data: bytes, size: int, resize: str, copies: int, threads: int, seconds: float) -> float:
+    """Images per second of `copies` interpreters, each looping decode+predict in its own Python thread."""
+    from edgetl.edge.runtime import open_model
+
+    runners = [open_model(model, threads=threads) for _ in range(copies)]
+    for runner in runners:
+        bare_latency(runner, data, size, resize, 3)
+    counts = [0] * copies
+    start = time.perf_counter()
+    stop = start + seconds
+
+    def loop(i):
+        while time.perf_counter() < stop:
+            bare_latency(runners[i], data, size, resize, 1)
+            counts[i] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(copies)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- server and hey
+class Server:
+    def __init__(self, model: Path, workers: int, threads: int, max_queue: int, resize: str, log: Path):
+        argv = [sys.executable, "-m", "edgetl.edge.serve", f"m={model}", "--port", "0", "--workers", str(workers),
+                "--threads", str(threads), "--max-queue", str(max_queue), "--resize", resize, "--reload-interval", "0"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, env=env)
+        line = self.proc.stdout.readline().decode()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise SystemExit(f"server did not start; see {log}")
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(self.url + "/v2/health/ready", timeout=5).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("server never became ready")
+
+    def status_mb(self, key: str) -> float:
+        """VmRSS or VmHWM of the server process in MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise KeyError(key)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self.log.close()
+        return code
+
+
+def hey_start(url: str, image: Path, *args: str) -> subprocess.Popen:
+    """Start hey against /classify with per-request CSV output."""
+    cmd = ["hey", *args, "-o", "csv", "-m", "POST", "-T", "image/jpeg", "-D", str(image), f"{url}/v2/models/m/classify"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def hey_result(*procs: subprocess.Popen) -> dict:
+    """Merged results of hey runs: latencies (ms) of the 200s, status counts, answers, seconds spanned."""
+    statuses: dict[str, int] = {}
+    ok, answered, span = [], 0, 0.0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        rows = [line.split(",") for line in out.splitlines()[1:] if line and line[0].isdigit()]
+        for row in rows:
+            statuses[row[6]] = statuses.get(row[6], 0) + 1
+            if row[6] == "200":
+                ok.append(float(row[0]) * 1000)
+        answered += len(rows)
+        span = max([span] + [float(r[7]) + float(r[0]) for r in rows])
+    return {"ok_ms": ok, "statuses": statuses, "answered": answered, "seconds": span}
+
+
+def hey(url: str, image: Path, *args: str) -> dict:
+    return hey_result(hey_start(url, image, *args))
+
+
+def saturate(server: Server, image: Path, rate: float, per_stream: int, seconds: float) -> tuple[dict, list]:
+    """Offer `rate` req/s per client from STREAMS staggered hey processes; merged results and RSS samples (MB)."""
+    samples, done = [], threading.Event()
+
+    def sample_rss():
+        while not done.wait(0.25):
+            samples.append(server.status_mb("VmRSS"))
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    procs = []
+    for _ in range(STREAMS):
+        procs.append(hey_start(server.url, image, "-z", f"{seconds:g}s", "-c", str(per_stream), "-q", f"{rate:g}",
+                               "-t", "30"))
+        time.sleep(1 / rate / STREAMS)
+    result = hey_result(*procs)
+    done.set()
+    sampler.join()
+    return result, samples
+
+
+def report_overload(label: str, result: dict, unloaded_p99: float, setting: str) -> tuple[float, bool]:
+    """Print one saturation phase; (p99 of the 200s / unloaded p99, whether it shed with 503 and nothing else)."""
+    statuses = result["statuses"]
+    p99 = percentile(result["ok_ms"], 99)
+    print(f"[{label}] 2x saturation, {setting}: {result['answered'] / result['seconds']:.1f} req/s offered "
+          f"({STREAMS} staggered hey), answers {statuses}; p99 of 200s {p99:.1f} ms = {p99 / unloaded_p99:.2f}x "
+          f"unloaded p99")
+    return p99 / unloaded_p99, set(statuses) <= {"200", "503"} and statuses.get("503", 0) > 0
+
+
+def percentile(values, q) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", type=Path, help="int8 MobileNetV2 224 .tflite (default: see above)")
+    parser.add_argument("--image", type=Path, help="JPEG to send (default: the first flowers5 test image)")
+    parser.add_argument("--resize", default="plain", choices=("plain", "center_crop"))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    parser.add_argument("--runs", type=int, default=60, help="requests (and bare runs) per latency round")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
+    parser.add_argument("--json", dest="json_out", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        raise SystemExit("hey is not installed: apt-get install hey")
+    from edgetl.edge.runtime import open_model
+
+    if args.model:
+        model, source = args.model, "given"
+    else:
+        model, source = default_model()
+    image = args.image or default_image()
+    data = image.read_bytes()
+    size = open_model(model, threads=1).input_shape[0]
+    facts = cpu_facts()
+    print(f"model  {model} ({source})\nimage  {image} ({len(data)} bytes), resize {args.resize}, {size} px")
+    print(f"cpu    {facts['cpu']}, {facts['cores']} cores, flags {' '.join(facts['flags']) or '-'}, "
+          f"load average {facts['load_average'][0]:.2f}")
+
+    cores = os.cpu_count() or 1
+    grid = [(c, t) for c in range(1, cores + 2) for t in range(1, cores + 1) if c * t <= 2 * cores]
+    runs: dict[str, list[float]] = {f"{c}x{t}": [] for c, t in grid}
+    for _ in range(3):  # interleaved rounds, median per configuration
+        for c, t in grid:
+            runs[f"{c}x{t}"].append(bare_throughput(model, data, size, args.resize, c, t, args.seconds / 10))
+    bare = {key: float(np.median(rates)) for key, rates in runs.items()}
+    best = max(bare, key=bare.get)
+    copies, threads = (int(v) for v in best.split("x"))
+    print("\nbare decode+invoke throughput (copies x threads: median img/s of 3 rounds): "
+          + ", ".join(f"{k}: {v:.1f}" for k, v in bare.items()) + f"; best {best}")
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_serve_server.log"
+    max_queue = max(0, 8 - copies)  # slots = queue + workers: all 8 clients of phase 2 are admitted
+    server = Server(model, copies, threads, max_queue, args.resize, log)
+    rss_idle = server.status_mb("VmRSS")
+    print(f"\nserver --workers {copies} --threads {threads} --max-queue {max_queue}: RSS {rss_idle:.1f} MB after "
+          f"load and warm-up (log: {log})")
+    hey(server.url, image, "-n", "50", "-c", "1")
+
+    runner = open_model(model, threads=threads)
+    bare_latency(runner, data, size, args.resize, 10)
+    bare_ms, served_ms = [], []
+    for _ in range(args.rounds):
+        bare_ms += bare_latency(runner, data, size, args.resize, args.runs)
+        served_ms += hey(server.url, image, "-n", str(args.runs), "-c", "1")["ok_ms"]
+    latency_ratio = percentile(served_ms, 50) / percentile(bare_ms, 50)
+    unloaded_p99 = percentile(served_ms, 99)
+    print(f"[1] concurrency 1: server p50 {percentile(served_ms, 50):.2f} ms (p99 {unloaded_p99:.2f}), bare "
+          f"decode+invoke p50 {percentile(bare_ms, 50):.2f} ms ({threads} thread(s)): ratio {latency_ratio:.3f}")
+
+    slice_s = args.seconds / args.rounds
+    served_rates, bare_rates, c8_ms, c8_statuses = [], [], [], {}
+    for _ in range(args.rounds):  # interleaved like [1], so that machine noise hits both alike
+        bare_rates.append(bare_throughput(model, data, size, args.resize, copies, threads, slice_s))
+        loaded = hey(server.url, image, "-z", f"{slice_s:g}s", "-c", "8")
+        served_rates.append(len(loaded["ok_ms"]) / loaded["seconds"])
+        c8_ms += loaded["ok_ms"]
+        for code, n in loaded["statuses"].items():
+            c8_statuses[code] = c8_statuses.get(code, 0) + n
+    throughput, baseline = float(np.median(served_rates)), float(np.median(bare_rates))
+    throughput_ratio = throughput / baseline
+    print(f"[2] concurrency 8: {throughput:.1f} req/s ({c8_statuses}), p50 {percentile(c8_ms, 50):.1f} ms; best bare "
+          f"({best}) {baseline:.1f} img/s; medians of {args.rounds} interleaved rounds: ratio {throughput_ratio:.3f}")
+
+    # hey's rate-limited clients tick in step, so one hey process sends bursts; STREAMS processes started a
+    # fraction of a tick apart spread the arrivals over the tick (an open-loop load at twice the throughput)
+    per_stream = max(1, (max_queue + copies) // 2)  # more than wait on admitted requests at any one time
+    rate = round(2 * throughput / (STREAMS * per_stream), 2)
+    overload, samples = saturate(server, image, rate, per_stream, args.seconds)
+    settled = samples[len(samples) // 4]  # after the first quarter: connections open, buffers grown
+    rss_growth = samples[-1] - settled
+    report_overload("3", overload, unloaded_p99, f"--max-queue {max_queue}")
+    print(f"    RSS {min(samples):.1f}..{max(samples):.1f} MB (end - after the first quarter: {rss_growth:+.1f} MB)")
+    rss_peak = server.status_mb("VmHWM")
+    exit_code = server.stop()
+    print(f"[4] server peak RSS (VmHWM) {rss_peak:.1f} MB; exit status after SIGTERM {exit_code}")
+
+    # The latency setting: one request waiting per worker. A queue that admits all 8 clients of [2] makes an
+    # admitted request wait for 8 / throughput at saturation (Little's law), whatever the server does.
+    latency_server = Server(model, copies, threads, copies, args.resize, log)
+    hey(latency_server.url, image, "-n", "50", "-c", "1")
+    bounded, _ = saturate(latency_server, image, rate, per_stream, args.seconds)
+    latency_server.stop()
+    overload_ratio, shed_ok = report_overload("3b", bounded, unloaded_p99, f"--max-queue {copies}")
+
+    results = {
+        "latency_ratio": (latency_ratio, latency_ratio <= TARGETS["latency_ratio"]),
+        "throughput_ratio": (throughput_ratio, throughput_ratio >= TARGETS["throughput_ratio"]),
+        "overload_p99_ratio": (overload_ratio, overload_ratio <= TARGETS["overload_p99_ratio"] and shed_ok),
+        "overload_rss_growth_mb": (rss_growth, rss_growth <= 0.02 * settled),
+        "rss_mb": (rss_peak, rss_peak <= TARGETS["rss_mb"]),
+    }
+    print("\n" + "\n".join(f"{name:<20} {value:8.3f}  {verdict(ok)}" for name, (value, ok) in results.items()))
+    if args.json_out:
+        doc = {"model": str(model), "model_source": source, "image": str(image), "machine": facts,
+               "load_average_end": os.getloadavg(), "server": {"workers": copies, "threads": threads,
+                                                                "max_queue": max_queue},
+               "bare_throughput": bare, "bare_p50_ms": percentile(bare_ms, 50),
+               "served_p50_ms": percentile(served_ms, 50), "served_p99_ms": unloaded_p99,
+               "c8_throughput": throughput, "c8_bare_throughput": baseline, "c8_statuses": c8_statuses,
+               "overload_statuses": overload["statuses"], "overload_p99_ms": percentile(overload["ok_ms"], 99),
+               "bounded_statuses": bounded["statuses"], "bounded_p99_ms": percentile(bounded["ok_ms"], 99),
+               "rss_idle_mb": rss_idle,
+               "rss_samples_mb": samples, "rss_peak_mb": rss_peak,
+               "results": {k: {"value": v, "pass": ok} for k, (v, ok) in results.items()}}
+        args.json_out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0 if all(ok for _, ok in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""A tiny trained run with one deliberately damaged layer, for the per-layer report and repair tests.
+
+The damage leaves the float model's function unchanged and wrecks int8: one channel of the backbone's
+output (`out_relu`) is made always zero (its BatchNorm scale 0, shift -10), and the classifier's weights
+reading that channel are set to 1e4. Float: 0 x 1e4 = 0. Int8: each class's weight scale is set by the
+1e4 outlier, so every real weight of the classifier rounds to zero and it predicts one class.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from export_support import CLASSES, SIZE, tiny_nested_model, write_images
+
+from edgetl.io import atomic_write_text
+from edgetl.recipe import recipe_from_dict
+from edgetl.rundir import RunDir
+
+DAMAGED = "predictions"  # the classifier: nothing downstream can hide its damage from top-1
+
+
+def damage(model) -> None:
+    """Kill channel 0 of out_relu and give `predictions` a 1e4 weight on it (in place, on a model this module built)."""
+    backbone = model.get_layer("tiny_backbone")
+    gamma, beta, mean, var = backbone.get_layer("Conv_1_bn").get_weights()
+    gamma[0], beta[0] = 0.0, -10.0
+    backbone.get_layer("Conv_1_bn").set_weights([gamma, beta, mean, var])
+    kernel, bias = model.get_layer(DAMAGED).get_weights()
+    kernel[0, :] = 1e4
+    model.get_layer(DAMAGED).set_weights([kernel, bias])
+
+
+def make_damaged_run(root: Path, **int8) -> Path:
+    """A finished run (recipe.yaml, labels.txt, model.keras) of the damaged model, with a val split."""
+    import tf_keras as keras
+
+    from edgetl.data import load_arrays, load_splits
+
+    recipe = recipe_from_dict({
+        "name": "damaged", "seed": 1,
+        "data": {"source": str(write_images(root / "data", per_class=24)), "image_size": SIZE, "batch_size": 16,
+                 "val_split": 0.2},
+        "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "weights": None},
+        "export": {"tflite": ["int8_repaired"], "onnx": ["int8_repaired"], "io": "uint8",
+                   "representative_samples": 16, "int8": {"max_drop_pp": 5.0, "step": 1, **int8}}})
+    splits = load_splits(recipe)
+    images, labels = load_arrays(splits.train, SIZE)
+    keras.utils.set_random_seed(0)
+    model = tiny_nested_model(len(CLASSES))
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    model.fit(images.astype(np.float32), labels, epochs=12, batch_size=16, verbose=0)
+    damage(model)
+    run = RunDir(root / "run")
+    run.path.mkdir()
+    atomic_write_text(run.recipe_path, recipe.to_yaml())
+    atomic_write_text(run.labels_path, "\n".join(splits.class_names) + "\n")
+    model.save(run.model_path)
+    return run.path

@@ -1,0 +1,123 @@
+"""Accuracy-aware int8 repair: leaves the damaged layer float, meets the bound, never reads the test split."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from quant_support import DAMAGED, make_damaged_run
+
+
+@pytest.fixture(scope="module")
+def repaired(tmp_path_factory):
+    """The damaged run exported to tflite int8_repaired, recording what load_arrays decoded."""
+    import edgetl.data as data
+    from edgetl.export import export_run
+
+    run = make_damaged_run(tmp_path_factory.mktemp("repair"))
+    decoded: list = []
+    real = data.load_arrays
+
+    def spy(samples, *args, **kwargs):
+        decoded.extend(samples)
+        return real(samples, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_arrays", spy)
+        lines: list[str] = []
+        result = export_run(run, tflite=["int8_repaired"], onnx=[], echo=lines.append)
+    return run, result, decoded, lines
+
+
+def entry(result, name):
+    return next(a for a in result.manifest["artifacts"] if a["name"] == name)
+
+
+def test_repair_leaves_the_damaged_layer_float_and_meets_the_bound(repaired):
+    run, result, _, _ = repaired
+    name = "tflite-int8_repaired"
+    found = entry(result, name)
+    assert found["status"] == "ok", found["error"]
+    steps = found["quantization"]["repair"]["steps"]
+    assert steps[0]["kept_float"] == [] and steps[0]["drop_pp"] > 30  # full int8 is wrecked
+    assert steps[-1]["drop_pp"] <= 5.0 and len(steps[-1]["kept_float"]) == 1
+    assert DAMAGED in found["layers_left_float"][0] and found["layers_left_float"] == steps[-1]["kept_float"]
+    assert found["quantization"]["repair"]["images_from"] == "val"
+    report = json.loads((run / "exports" / found["quantization"]["layer_report"]["report"]).read_text())
+    assert DAMAGED in report["worst"][0]["name"] and (run / "exports" / f"quantization/{name}.png").exists()
+
+
+def test_repaired_file_loads_and_is_listed(repaired):
+    from ai_edge_litert.interpreter import Interpreter
+
+    run, result, _, _ = repaired
+    assert result.failed == []
+    tflite = run / "exports" / "tflite-int8_repaired.tflite"
+    interpreter = Interpreter(model_path=str(tflite))
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    listed = json.loads((run / "exports" / "manifest.json").read_text())["artifacts"]
+    assert [(a["name"], a["path"]) for a in listed] == [("tflite-int8_repaired", tflite.name)]
+
+
+def test_repair_never_reads_the_test_split(repaired):
+    from edgetl.data import load_splits
+    from edgetl.rundir import RunDir
+
+    run, _, decoded, _ = repaired
+    splits = load_splits(RunDir(run).load_recipe())
+    test = {s.path for s in splits.test}
+    assert decoded and not test & {s.path for s in decoded}
+    assert {s.path for s in splits.val} <= {s.path for s in decoded}
+
+
+def test_repair_stops_with_a_clear_message_when_no_step_meets_the_bound():
+    from edgetl.export.quant_debug import LayerError
+    from edgetl.export.repair import RepairError, repair
+    from edgetl.recipe import Int8Config
+
+    layers = [LayerError(i, f"layer{i}", "CONV_2D", float(i)) for i in range(4)]
+    built: list[tuple] = []
+
+    def build(kept):
+        built.append(kept)
+        return b"x" * (100 + 10 * len(kept))
+
+    images, reference = np.zeros((4, 2, 2, 3)), np.array([0, 1, 2, 0])
+    never = lambda data, imgs: np.eye(3)[[1, 2, 0, 1]]  # noqa: E731 - disagrees on every image
+    with pytest.raises(RepairError, match=r"max_float_layers \(2\).*0 float: 100.00 pp"):
+        repair(layers, build, never, lambda data: 1.0, images, reference, Int8Config(max_float_layers=2, step=1),
+               echo=lambda _: None)
+    assert built == [(), ("layer0",), ("layer0", "layer1")]  # most sensitive (lowest SNR) first
+
+
+def test_repair_set_uses_validation_images_else_calibration():
+    from edgetl.data import DatasetSplits
+    from edgetl.export.repair import repair_set
+
+    calibration = np.ones((5, 4, 4, 3), np.float32)
+    splits = DatasetSplits("x", "x", ["a"], train=[], val=[], test=["never read"])
+    images, source = repair_set(splits, calibration, 4, "plain", limit=3)
+    assert source.startswith("train") and images.shape == (3, 4, 4, 3)
+
+
+def test_export_repair_adds_both_repaired_variants(tiny_export, monkeypatch):
+    from click.testing import CliRunner
+
+    import edgetl.export as ex
+    from edgetl.cli import cli
+
+    asked = []
+
+    def fake_export_run(run_dir, tflite=None, onnx=None, echo=print):
+        asked.append((tflite, onnx))
+        return ex.ExportResult({"artifacts": []}, [], run_dir / "exports")
+
+    monkeypatch.setattr(ex, "export_run", fake_export_run)
+    run = str(tiny_export.run_dir)
+    for args in (["--repair"], ["--repair", "--formats", "tflite:int8"], ["--formats", "tflite:int8"]):
+        done = CliRunner().invoke(cli, ["export", run, *args])
+        assert done.exit_code == 0, done.output
+    recipe_tflite = ["fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8"]
+    assert asked == [(recipe_tflite + ["int8_repaired"], ["fp32", "int8", "qat_int8", "int8_repaired"]),
+                     (["int8", "int8_repaired"], ["int8_repaired"]), (["int8"], [])]
