@@ -42,7 +42,7 @@ def test_repair_leaves_the_damaged_layer_float_and_meets_the_bound(repaired):
     assert steps[0]["kept_float"] == [] and steps[0]["drop_pp"] > 30  # full int8 is wrecked
     assert steps[-1]["drop_pp"] <= 5.0 and len(steps[-1]["kept_float"]) == 1
     assert DAMAGED in found["layers_left_float"][0] and found["layers_left_float"] == steps[-1]["kept_float"]
-    assert found["quantization"]["repair"]["images_from"] == "val"
+    assert found["quantization"]["repair"]["images_from"].startswith("val (")
     report = json.loads((run / "exports" / found["quantization"]["layer_report"]["report"]).read_text())
     assert DAMAGED in report["worst"][0]["name"] and (run / "exports" / f"quantization/{name}.png").exists()
 
@@ -91,14 +91,23 @@ def test_repair_stops_with_a_clear_message_when_no_step_meets_the_bound():
     assert built == [(), ("layer0",), ("layer0", "layer1")]  # most sensitive (lowest SNR) first
 
 
-def test_repair_set_uses_validation_images_else_calibration():
+def test_repair_set_uses_validation_images_topped_up_with_calibration(tmp_path):
     from edgetl.data import DatasetSplits
     from edgetl.export.repair import repair_set
 
     calibration = np.ones((5, 4, 4, 3), np.float32)
     splits = DatasetSplits("x", "x", ["a"], train=[], val=[], test=["never read"])
     images, source = repair_set(splits, calibration, 4, "plain", limit=3)
-    assert source.startswith("train") and images.shape == (3, 4, 4, 3)
+    assert source == "train (3)" and images.shape == (3, 4, 4, 3)
+    from PIL import Image
+
+    from edgetl.data import Sample
+
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "v.png")
+    splits = DatasetSplits("x", "x", ["a"], train=[], val=[Sample(str(tmp_path / "v.png"), 0)], test=["never read"])
+    images, source = repair_set(splits, calibration, 4, "plain", limit=3)
+    assert source == "val (1) + train (2)" and images.shape == (3, 4, 4, 3)
+    np.testing.assert_array_equal(images[0, 0, 0], [10, 20, 30])
 
 
 def test_export_repair_adds_both_repaired_variants(tiny_export, monkeypatch):
