@@ -194,12 +194,13 @@ def onnx_debugged(job: Conversion, quantizer: OnnxQuantizer, qdq: bytes) -> tupl
     return (layers, *report_files(job.variant.key, layers, len(job.calibration), ONNX_SOURCE))
 
 
-def onnx_report(float_path: Path, qdq_path: Path, images: np.ndarray, batch: int = 4, chunk: int = 16
+def onnx_report(float_path: Path, qdq_path: Path, images: np.ndarray, batch: int = 4, chunk: int = 4
                 ) -> list[LayerError]:
     """Per Conv/MatMul/Gemm node of the QDQ model, in graph order: the noise it adds itself (module docstring).
 
     Activations are collected `chunk` images at a time and only their powers kept: ORT's collect_activations
-    holds every intermediate tensor of every image it runs (gigabytes for 200 MobileNetV2 images at 224 px).
+    holds every intermediate tensor of every image it runs: MobileNetV2 at 224 px peaked at 6.3 GB with 16
+    images a chunk (flowers5 export of onnx-int8, /usr/bin/time), hence 4.
     """
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as qdq
