@@ -72,10 +72,6 @@ def tiny_nested_model(num_classes: int):
 def make_run(root: Path) -> Path:
     """A finished tiny run under `root`: recipe.yaml (every variant), labels.txt and model.keras, as `edgetl train`
     writes them."""
-    import tf_keras as keras
-
-    from edgetl.data import load_arrays, load_splits
-
     recipe = recipe_from_dict({
         "name": "tiny", "seed": 1,
         "data": {"source": str(write_images(root / "data")), "image_size": SIZE, "batch_size": 16},
@@ -83,13 +79,25 @@ def make_run(root: Path) -> Path:
         "export": {"tflite": ALL_TFLITE, "onnx": ALL_ONNX, "io": "uint8", "representative_samples": 24,
                    "qat": {"epochs": 1, "learning_rate": 1e-4},
                    "pruning": {"target_sparsity": 0.5, "epochs": 4, "learning_rate": 1e-2}}})
+    return write_fitted_run(root / "run", recipe)
+
+
+def write_fitted_run(folder: Path, recipe, change=None) -> Path:
+    """Fit the tiny nested model on `recipe`'s training split (seeded), apply `change(model)`, and write the run
+    directory `edgetl train` would: recipe.yaml, labels.txt and model.keras."""
+    import tf_keras as keras
+
+    from edgetl.data import load_arrays, load_splits
+
     splits = load_splits(recipe)
     images, labels = load_arrays(splits.train, SIZE)
     keras.utils.set_random_seed(0)
     model = tiny_nested_model(len(CLASSES))
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
     model.fit(images.astype(np.float32), labels, epochs=12, batch_size=16, verbose=0)
-    run = RunDir(root / "run")
+    if change is not None:
+        change(model)
+    run = RunDir(folder)
     run.path.mkdir()
     atomic_write_text(run.recipe_path, recipe.to_yaml())
     atomic_write_text(run.labels_path, "\n".join(splits.class_names) + "\n")

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from export_support import CLASSES, SIZE, tiny_nested_model, write_images
+from export_support import SIZE, write_fitted_run, write_images
 
-from edgetl.io import atomic_write_text
 from edgetl.recipe import recipe_from_dict
-from edgetl.rundir import RunDir
 
 DAMAGED = "predictions"  # the classifier: nothing downstream can hide its damage from top-1
 
@@ -32,10 +29,6 @@ def damage(model) -> None:
 
 def make_damaged_run(root: Path, **int8) -> Path:
     """A finished run (recipe.yaml, labels.txt, model.keras) of the damaged model, with a val split."""
-    import tf_keras as keras
-
-    from edgetl.data import load_arrays, load_splits
-
     recipe = recipe_from_dict({
         "name": "damaged", "seed": 1,
         "data": {"source": str(write_images(root / "data", per_class=24)), "image_size": SIZE, "batch_size": 16,
@@ -43,16 +36,4 @@ def make_damaged_run(root: Path, **int8) -> Path:
         "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "weights": None},
         "export": {"tflite": ["int8_repaired"], "onnx": ["int8_repaired"], "io": "uint8",
                    "representative_samples": 16, "int8": {"max_drop_pp": 5.0, "step": 1, **int8}}})
-    splits = load_splits(recipe)
-    images, labels = load_arrays(splits.train, SIZE)
-    keras.utils.set_random_seed(0)
-    model = tiny_nested_model(len(CLASSES))
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    model.fit(images.astype(np.float32), labels, epochs=12, batch_size=16, verbose=0)
-    damage(model)
-    run = RunDir(root / "run")
-    run.path.mkdir()
-    atomic_write_text(run.recipe_path, recipe.to_yaml())
-    atomic_write_text(run.labels_path, "\n".join(splits.class_names) + "\n")
-    model.save(run.model_path)
-    return run.path
+    return write_fitted_run(root / "run", recipe, change=damage)
