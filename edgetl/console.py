@@ -11,10 +11,12 @@ import os
 import re
 import threading
 
-# absl's native line format (I/W/E + MMDD time thread file:line]) and TensorFlow's Python-logging prefixes.
+# absl's native line format (I/W/E + MMDD time thread file:line]), TensorFlow's Python-logging prefixes, and the
+# TFLite converter's and interpreter's own printf lines.
 NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
                    rb"|[IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w.]+:\d+\] "
-                   rb"|WARNING:(tensorflow|absl):)")
+                   rb"|WARNING:(tensorflow|absl):"
+                   rb"|fully_quantize: \d|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)")
 
 
 def drop_noise(data: bytes) -> bytes:

@@ -13,6 +13,8 @@ def test_drop_noise_keeps_everything_but_absl_and_tensorflow_log_lines():
              b"I0000 00:00:1796171363.700793    5149 port.cc:153] oneDNN custom operations are on.\n"
              b"E0000 00:00:1796171366.303843    5149 cuda_platform.cc:52] failed call to cuInit\n"
              b"WARNING:tensorflow:Compiled the loaded model, but the compiled metrics have yet to be built.\n"
+             b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: UINT8\n"
+             b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
              b"Error: data.batch_size = -3 is out of range\n"
              b"Traceback (most recent call last):\n")
     assert drop_noise(noisy) == b"Error: data.batch_size = -3 is out of range\nTraceback (most recent call last):\n"
