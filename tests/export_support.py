@@ -108,13 +108,14 @@ def write_fitted_run(folder: Path, recipe, change=None) -> Path:
 def tflite_bytes(model, calibration: np.ndarray | None = None) -> bytes:
     """fp32 TFLite of `model`, or full integer with uint8 input/output calibrated on `calibration` (raw pixels).
 
-    Converted from a concrete function: no SavedModel round trip, several times faster than from_keras_model.
+    Converted from a concrete function without the model as trackable object: no SavedModel export, many times
+    faster than from_keras_model.
     """
     import tensorflow as tf
 
     call = tf.function(lambda x: model(x, training=False))
     spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([call.get_concrete_function(spec)], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([call.get_concrete_function(spec)])
     if calibration is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in calibration)

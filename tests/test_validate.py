@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import tiny_recipe_dict
 from edge_support import env_with_repo
+from export_support import tflite_bytes
 
 from edgetl.io import atomic_write_json, atomic_write_text, read_json, write_labels
 from edgetl.rundir import RunDir
@@ -53,25 +54,6 @@ result = validate_run(sys.argv[1], min_agreement=0.7, runtimes=["auto", "openvin
 with open(sys.argv[2], "wb") as f:
     pickle.dump({{"result": result, "log": log, "tensorflow": [m for m in {TENSORFLOW!r} if m in sys.modules]}}, f)
 """
-
-
-def _tflite(model, train_images=None) -> bytes:
-    """fp32 TFLite, or full-integer with uint8 input/output calibrated on `train_images`.
-
-    Converted from a concrete function without the model as trackable object: no SavedModel export, ~20x faster.
-    """
-    import tensorflow as tf
-
-    size = model.input_shape[1]
-    call = tf.function(lambda x: model(x, training=False))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [call.get_concrete_function(tf.TensorSpec((None, size, size, 3), tf.float32))])
-    if train_images is not None:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([img[None].astype(np.float32)] for img in train_images)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.uint8
-    return converter.convert()
 
 
 def _tamper(model, fp32: bytes) -> bytes:
@@ -132,10 +114,10 @@ def validated(tiny_data, tmp_path_factory):
     atomic_write_json(run.metrics_path, {"test": test, **RANDOM_FALLBACK})
     calibration = train_images[:16]
     run.exports_dir.mkdir()
-    fp32 = _tflite(model)
+    fp32 = tflite_bytes(model)
     artifacts = [
         _entry(run.exports_dir, "tflite-fp32", "tflite", "fp32", "model_fp32.tflite", fp32),
-        _entry(run.exports_dir, "tflite-int8", "tflite", "int8", "model_int8.tflite", _tflite(model, calibration)),
+        _entry(run.exports_dir, "tflite-int8", "tflite", "int8", "model_int8.tflite", tflite_bytes(model, calibration)),
         _entry(run.exports_dir, "tflite-tampered", "tflite", "fp32", "tampered.tflite", fp32),
         _entry(run.exports_dir, "tflite-truncated", "tflite", "fp32", "truncated.tflite", fp32[:4096]),
         {"name": "onnx-int8", "format": "onnx", "variant": "int8", "status": "failed", "error": "converter crashed",
