@@ -44,8 +44,12 @@ weights:
 demo: install weights
 	$(BIN)/edgetl run recipes/demo.yaml
 
+# Two pytest workers, one per core (pytest-xdist): most of a test's time is single-threaded Python (building and
+# converting tiny models), so the suite takes about half the wall time. A test file stays on one worker, so its
+# module fixtures are built once. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q --durations=10 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 $(ARGS)
 
 lint: install
 	$(BIN)/ruff check edgetl tests benchmarks recipes

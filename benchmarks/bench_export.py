@@ -6,8 +6,9 @@
    network without the Rescaling layer. Target ratio <= 1.05.
 
 Both edgetl artifacts come from `edgetl.export.export_run` on a throw-away run directory (calibrated on
-flowers5 training images). Models are timed in interleaved rounds so that machine noise hits them
-alike; the ratio is of medians over all timed invocations. Needs the offline ImageNet weights in
+flowers5 training images). Models are timed on edgetl's runner in interleaved rounds so that machine noise
+hits them alike; the ratio is of medians over all timed invocations. benchmarks/bench_int8.py reuses the
+run and the timing for the int8 ratios at several thread counts. Needs the offline ImageNet weights in
 ~/.keras/models (see ../shared/weights/SOURCE.md).
 
     .venv/bin/python benchmarks/bench_export.py [--threads 1] [--rounds 15] [--runs 10]
@@ -66,26 +67,20 @@ def bare_fp32(run_dir: Path) -> bytes:
 
 
 class Timed:
-    """One LiteRT interpreter with a fixed random input; `time(n)` appends n single-invoke latencies (ms)."""
+    """One artifact on edgetl's runner (LiteRT for .tflite, ONNX Runtime for .onnx; what validate runs) with a fixed
+    random input; `time(n)` appends n single-invoke latencies (ms)."""
 
-    def __init__(self, name: str, model: bytes, threads: int):
-        import numpy as np
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, name: str, path: Path, threads: int):
+        from edgetl.edge.runtime import open_model
 
-        self.name = name
-        self.interpreter = Interpreter(model_content=model, num_threads=threads)
-        self.interpreter.allocate_tensors()
-        detail = self.interpreter.get_input_details()[0]
-        pixels = np.random.default_rng(0).integers(0, 256, detail["shape"])
-        self.interpreter.set_tensor(detail["index"], pixels.astype(detail["dtype"]))
-        self.ops = Counter(op["op_name"] for op in self.interpreter._get_ops_details() if op["op_name"] != "DELEGATE")
+        self.name, self.path = name, Path(path)
+        self.runner = open_model(self.path, threads=threads)
+        self.ops = _ops(self.path)
         self.samples: list[float] = []
 
     def time(self, n: int) -> None:
         for _ in range(n):
-            t0 = time.perf_counter()
-            self.interpreter.invoke()
-            self.samples.append((time.perf_counter() - t0) * 1000)
+            self.samples.append(self.runner.time_invoke(runs=1, warmup=0).p50_ms)
 
     @property
     def median(self) -> float:
@@ -94,17 +89,34 @@ class Timed:
         return float(np.median(self.samples))
 
 
+def _ops(path: Path) -> Counter:
+    """Op (TFLite) or node type (ONNX) counts of an artifact."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    return Counter(op["op_name"] for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE")
+
+
+def interleave(models: list[Timed], rounds: int, runs: int, warmup: int) -> None:
+    """Time `models` in interleaved rounds (machine noise hits them alike), after `warmup` untimed invokes each."""
+    for model in models:
+        model.time(warmup)
+        model.samples = []
+    for _ in range(rounds):
+        for model in models:
+            model.time(runs)
+
+
 def compare(a: Timed, b: Timed, rounds: int, runs: int, warmup: int) -> float:
     """Interleaved timing; prints both medians and op counts, returns median(a) / median(b)."""
-    a.time(warmup), b.time(warmup)
-    a.samples, b.samples = [], []
-    for _ in range(rounds):
-        a.time(runs)
-        b.time(runs)
-    ratio = a.median / b.median
-    print(f"  {a.name:<34} median {a.median:8.2f} ms  ops {dict(sorted(a.ops.items()))}")
-    print(f"  {b.name:<34} median {b.median:8.2f} ms  ops {dict(sorted(b.ops.items()))}")
-    return ratio
+    interleave([a, b], rounds, runs, warmup)
+    for model in (a, b):
+        print(f"  {model.name:<34} median {model.median:8.2f} ms  ops {dict(sorted(model.ops.items()))}")
+    return a.median / b.median
 
 
 def main() -> None:
@@ -130,16 +142,17 @@ def main() -> None:
             raise SystemExit(f"export failed: {[a['error'] for a in result.manifest['artifacts'] if a['error']]}")
         sizes = {a["variant"]: a["size_bytes"] for a in result.manifest["artifacts"]}
         exports = run_dir / "exports"
-        bare = bare_fp32(run_dir)
+        bare = exports / "bare-fp32.tflite"
+        bare.write_bytes(bare_fp32(run_dir))
         print(f"exports and bare conversion: {time.perf_counter() - t0:.0f} s; int8/fp32 size ratio "
               f"{sizes['int8'] / sizes['fp32']:.3f} ({sizes['int8'] / 1e6:.2f} MB / {sizes['fp32'] / 1e6:.2f} MB)")
 
         print(f"\n[1] int8 uint8-io export vs {args.reference.name} ({args.threads} thread(s))")
-        int8_ratio = compare(Timed("edgetl tflite-int8", (exports / "tflite-int8.tflite").read_bytes(), args.threads),
-                             Timed("reference int8", args.reference.read_bytes(), args.threads),
+        int8_ratio = compare(Timed("edgetl tflite-int8", exports / "tflite-int8.tflite", args.threads),
+                             Timed("reference int8", args.reference, args.threads),
                              args.rounds, args.runs, args.warmup)
         print(f"\n[2] fp32 export vs bare TFLiteConverter without baked preprocessing ({args.threads} thread(s))")
-        fp32_ratio = compare(Timed("edgetl tflite-fp32", (exports / "tflite-fp32.tflite").read_bytes(), args.threads),
+        fp32_ratio = compare(Timed("edgetl tflite-fp32", exports / "tflite-fp32.tflite", args.threads),
                              Timed("bare from_keras_model fp32", bare, args.threads),
                              args.rounds, args.runs, args.warmup)
         print(f"\nint8 latency ratio edgetl / reference: {int8_ratio:.3f}  (target <= 1.00: "

@@ -65,7 +65,7 @@ def run_pipeline(recipe_path, overrides=(), data_dir=None, run_dir=None, out_roo
     """Train, export and validate RECIPE into one run directory, skipping stages that already finished.
 
     `isolate` runs each stage in a fresh process (the run directory carries everything between them), so
-    peak memory is the largest stage's, not their sum; `echo` must then be picklable (e.g. `print`).
+    peak memory is the largest stage's, not their sum.
     """
     from edgetl.recipe import load_recipe
 
@@ -126,18 +126,11 @@ _STAGE_RUNNERS = {"train": _train, "export": _export, "validate": _validate}
 
 
 def run_isolated(stage: str, recipe, run: RunDir, echo):
-    """Run one stage in a spawned process; its exceptions are re-raised here. Returns the validation for
-    `validate` (read back from the run directory), else None."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    """Run one stage in a spawned process (edgetl.isolate); its exceptions are re-raised here. Returns the
+    validation for `validate` (read back from the run directory), else None."""
+    from edgetl.isolate import run_in_child
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            pool.submit(_run_stage, stage, recipe, run.path, echo).result()
-        except BrokenProcessPool:  # killed (e.g. out of memory): a multiprocessing.Pool would wait forever
-            raise PipelineError(f"the {stage} stage's process ended without finishing (killed, e.g. out of "
-                                f"memory); run the same command again to redo it from a clean state") from None
+    run_in_child(_run_stage, (stage, recipe, run.path), echo, f"the {stage} stage")
     if stage == "validate":
         from edgetl.validate import load_validation
 

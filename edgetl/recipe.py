@@ -194,17 +194,24 @@ class Int8Config:
     max_drop_pp: float = opt(1.0, "Repair bound (int8_repaired variants): largest allowed disagreement with the "
                                   "float model, percentage points of the repair images (validation split, else "
                                   "training images; never test). A top-1 drop can never exceed it.", min=0.0)
-    max_float_layers: int = opt(8, "Repair limit: most layers left float before the repair gives up.", min=0)
-    step: int = opt(2, "Repair: layers left float per step, most sensitive first.", min=1)
+    max_float_layers: int = opt(8, "Repair limit: most layers raised (left float, or ONNX int16 weights) before the "
+                                   "repair gives up.", min=0)
+    step: int = opt(1, "Repair: layers raised per step, most sensitive first.", min=1)
     max_size_ratio: float = opt(1.5, "Repair limit: largest artifact size relative to the full-int8 one.", min=1.0)
     max_latency_ratio: Optional[float] = opt(None, "Repair limit: largest p50 latency relative to full int8 "
                                                    "(null: recorded, not limited).", min=1.0)
-    repair_images: int = opt(200, "Most images the repair scores each step on.", min=1)
+    repair_images: Optional[int] = opt(
+        None, "Images the repair scores each step on: the validation split, topped up with training images to this "
+              "count (null: the validation split, topped up to 100 / max_drop_pp images, so one image is within the "
+              "bound). Training images rarely flip (the model is sure of them), so fewer dilute the bound less.", min=1)
     denylist: list[str] = opt(None, "Layer-name patterns (Python regular expressions, searched) always left float "
                                     "by the int8_repaired variants.", factory=list)
     calibration: Literal["minmax", "entropy", "percentile"] = opt(
         "minmax", "ONNX int8 calibration method (onnxruntime CalibrationMethod).")
     per_channel: bool = opt(True, "Per-channel weight scales (int8 and int8_repaired variants, both formats).")
+    onnx_repair: Literal["int16_weights", "float"] = opt(
+        "int16_weights", "How the ONNX int8_repaired variant raises a sensitive node: its weights to int16 (half the "
+                         "size of float) or the whole node to float (nodes_to_exclude).")
 
 
 TFLITE_VARIANTS = export_variants.names("tflite")  # the rows of edgetl/variants.py
@@ -218,6 +225,9 @@ class ExportConfig:
     onnx: list[str] = opt(None, f"ONNX variants: {', '.join(ONNX_VARIANTS)}.", factory=lambda: ["fp32"])
     io: Literal["float", "int8", "uint8"] = opt("uint8", "Input/output tensor type of full-integer variants "
                                                         "(uint8 takes camera bytes directly).")
+    target: Literal["auto", "x86_avx2", "x86_avx512_vnni", "arm64"] = opt(
+        "auto", "CPU the int8 artifacts are for: picks ONNX int8 activation/weight types and reduce_range "
+                "(edgetl/export/targets.py); auto = the exporting machine's CPU. Recorded in the manifest.")
     representative_samples: int = opt(200, "Training images used to calibrate int8 quantization.", min=1)
     opset: int = opt(17, "ONNX opset.", min=13, max=21)
     batch_size: Optional[int] = opt(None, "Batch size of the QAT and pruning fine-tunes (null: data.batch_size); "

@@ -94,8 +94,8 @@ VARIANTS: tuple[Variant, ...] = (
             "export.int8.max_drop_pp holds", build="repair:build_tflite", calibrate=True),
     Variant("fp32", **_ONNX, scheme="none", build="onnx:build_fp32"),
     Variant("int8", **_ONNX, scheme="static QDQ", build="quant_debug:build_onnx", calibrate=True),
-    Variant("int8_repaired", **_ONNX, scheme="static QDQ, most sensitive nodes excluded until export.int8.max_drop_pp "
-            "holds", build="repair:build_onnx", calibrate=True),
+    Variant("int8_repaired", **_ONNX, scheme="static QDQ, most sensitive nodes' weights in int16 (or the nodes float: "
+            "export.int8.onnx_repair) until export.int8.max_drop_pp holds", build="repair:build_onnx", calibrate=True),
     Variant("qat_int8", **_ONNX, scheme="quantization-aware training, QDQ from fake-quant ops",
             build="onnx:build_from_fake_quant", prepare="qat", multi_head=False),
 )

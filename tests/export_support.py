@@ -125,7 +125,8 @@ def tflite_bytes(model, calibration: np.ndarray | None = None) -> bytes:
 
 
 def export_tiny_run(root: Path) -> TinyExport:
-    """`make_run(root)`, exported to every variant of both formats (the recipe's lists)."""
+    """`make_run(root)`, exported to every variant of both formats (the recipe's lists), in this process (the
+    isolated export is tested in test_isolate.py; a process per group would add seconds of start-up to each)."""
     run_dir = make_run(root)
     lines: list[str] = []
-    return TinyExport(run_dir, export_run(run_dir, echo=lines.append), lines)
+    return TinyExport(run_dir, export_run(run_dir, echo=lines.append, isolate=False), lines)

@@ -13,7 +13,7 @@ from edge_support import CLASSES, LITERT, NUMPY_PILLOW, env_with_repo, make_venv
 
 from edgetl.edge import bench
 from edgetl.edge.images import decode_image
-from edgetl.edge.runtime import ModelError, dequantize, model_labels, open_model, quantize
+from edgetl.edge.runtime import ModelError, dequantize, image_input, model_labels, open_model
 from edgetl.edge.sweep import BenchFailed, bench_run_dir, format_sweep
 from edgetl.edge.zipapp import build_runner
 from edgetl.io import read_json
@@ -89,12 +89,12 @@ def test_quantized_models_take_raw_pixels(art, name):
     np.testing.assert_allclose(probs, art["keras"], atol=0.03)
 
 
-def test_quantize_and_dequantize_use_scale_and_zero_point():
+def test_integer_inputs_take_camera_bytes_and_outputs_dequantize():
     pixels = np.array([0, 1, 128, 255], dtype=np.uint8)
-    np.testing.assert_array_equal(quantize(pixels, "int8", 1.0, -128), [-128, -127, 0, 127])
-    np.testing.assert_array_equal(quantize(pixels, "uint8", 2.0, 10), [10, 10, 74, 138])  # round(x/2 + 10)
-    np.testing.assert_array_equal(quantize(pixels, "int8", 0.5, 0), [0, 2, 127, 127])  # clipped to int8
-    assert quantize(pixels, "float32", 0.0, 0).dtype == np.float32
+    np.testing.assert_array_equal(image_input(pixels, "uint8"), [0, 1, 128, 255])
+    np.testing.assert_array_equal(image_input(pixels, "int8"), [-128, -127, 0, 127])
+    np.testing.assert_array_equal(image_input(np.array([-3.0, 1.4, 254.6, 300.0]), "uint8"), [0, 1, 255, 255])
+    assert image_input(pixels, "float32").dtype == np.float32
     np.testing.assert_allclose(dequantize(np.array([0, 128, 255], np.uint8), 1 / 256, 0), [0, 0.5, 255 / 256])
     np.testing.assert_allclose(dequantize(np.array([-128, 0], np.int8), 0.5, -128), [0, 64])
 

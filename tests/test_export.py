@@ -20,7 +20,7 @@ from export_support import ALL_ONNX, ALL_TFLITE, CLASSES, SIZE
 import edgetl.export as ex
 from edgetl import variants
 from edgetl.data import load_arrays, load_splits
-from edgetl.edge.runtime import quantize
+from edgetl.edge.runtime import image_input
 from edgetl.errors import EdgetlError
 from edgetl.recipe import RecipeError, recipe_from_dict
 from edgetl.rundir import RunDir
@@ -69,7 +69,7 @@ def predict(path: Path, images: np.ndarray) -> np.ndarray:
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     top1 = []
     for image in images:
-        interpreter.set_tensor(inp["index"], quantize(image[None], np.dtype(inp["dtype"]).name, *inp["quantization"]))
+        interpreter.set_tensor(inp["index"], image_input(image[None], np.dtype(inp["dtype"]).name))
         interpreter.invoke()
         top1.append(int(interpreter.get_tensor(out["index"])[0].argmax()))
     return np.array(top1)
@@ -136,14 +136,19 @@ def test_integer_io_takes_camera_bytes_and_tflite_carries_metadata(tiny_export):
     found = artifacts(tiny_export.result)
     for variant in ("int8", "qat_int8", "pruned_int8"):
         entry = found[f"tflite-{variant}"]
-        assert entry["input"] | {"name": None} == {"name": None, "dtype": "uint8", "shape": [None, SIZE, SIZE, 3],
-                                                   "scale": 1.0, "zero_point": 0}
+        # The input quantization carries the Rescaling (x / 127.5 - 1): camera bytes in, no preprocessing ops.
+        assert entry["input"] | {"name": None, "scale": None} == {"name": None, "dtype": "uint8", "scale": None,
+                                                                   "shape": [None, SIZE, SIZE, 3], "zero_point": 127}
+        assert entry["input"]["scale"] == pytest.approx(1 / 127.5)
+        assert entry["quantization"]["input_affine"] == {"scale": 1 / 127.5, "offset": -1.0, "mean": 127.5, "std": 127.5}
         assert entry["outputs"][0]["dtype"] == "uint8" and entry["quantization"]["calibration_samples"] == 24
     assert found["tflite-fp32"]["input"]["dtype"] == "float32" and found["tflite-fp32"]["input"]["scale"] is None
     for entry in found.values():
         if entry["format"] == "tflite":
             meta = read_metadata(exports(tiny_export) / entry["path"])
-            assert meta["labels"] == sorted(CLASSES) and meta["input_mean"] == [0.0] and meta["input_std"] == [1.0]
+            carried = entry["input"]["dtype"] == "uint8"  # the int8 variants: what the quantization reads the byte as
+            assert meta["labels"] == sorted(CLASSES)
+            assert (meta["input_mean"], meta["input_std"]) == (([127.5], [127.5]) if carried else ([0.0], [1.0]))
             assert meta["name"] == f"tiny {entry['name']}"
 
 
@@ -185,9 +190,11 @@ def test_pruning_reaches_the_target_sparsity_and_shrinks_gzip(tiny_export):
 
 
 def test_onnx_int8_records_the_integer_types_its_graph_holds(tiny_export):
-    """The manifest's activation_type / weight_type are what quantize_static produced: unsigned 8-bit (U8U8)."""
+    """The manifest's activation_type / weight_type are what quantize_static produced: this machine's target's."""
     import onnx
     import onnxruntime as ort
+
+    from edgetl.export.targets import resolve
 
     entry = artifacts(tiny_export.result)["onnx-int8"]
     path = exports(tiny_export) / entry["path"]
@@ -196,8 +203,10 @@ def test_onnx_int8_records_the_integer_types_its_graph_holds(tiny_export):
     activations = {dtypes[node.input[2]] for node in graph.node if node.op_type == "QuantizeLinear"}
     dequantized = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     weights = {dtypes[dequantized[node.input[1]]] for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")}
-    assert activations == {entry["quantization"]["activation_type"]} == {"uint8"}
-    assert weights == {entry["quantization"]["weight_type"]} == {"uint8"}
+    target, _ = resolve("auto")
+    assert activations == {entry["quantization"]["activation_type"]} == {target.activation_type}
+    assert weights == {entry["quantization"]["weight_type"]} == {target.weight_type}
+    assert entry["quantization"]["target"]["name"] == target.name
     assert entry["quantization"]["per_channel"] and entry["quantization"]["calibrate_method"] == "MinMax"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]

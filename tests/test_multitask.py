@@ -114,7 +114,7 @@ def exported(two_task, tmp_path_factory):
     for head in splits.heads:
         atomic_write_text(run.head_labels_path(head.name), "\n".join(head.class_names) + "\n")
     model.save(run.model_path)
-    export = export_run(run.path, echo=lambda *_: None)
+    export = export_run(run.path, echo=lambda *_: None, isolate=False)
     return run, export.manifest, validate_run(run.path, echo=lambda *_: None).report
 
 

@@ -24,7 +24,7 @@ def test_tflite_report_names_the_damaged_layer_worst(damaged, tmp_path):
     from edgetl.export.tflite import saved_model
 
     run, inputs = damaged
-    layers = TfliteQuantizer(saved_model(inputs.model, inputs, tmp_path / "sm"), inputs.calibration).report()
+    layers = TfliteQuantizer(saved_model(inputs.model, inputs, tmp_path / "sm").path, inputs.calibration).report()
     worst, runner_up = ranked(layers)[:2]
     assert DAMAGED in worst.name and worst.op == "FULLY_CONNECTED"
     assert worst.snr_db < 3 and runner_up.snr_db > 20  # crushed (about 0 dB) against ordinary int8 rounding

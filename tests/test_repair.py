@@ -39,9 +39,10 @@ def test_repair_leaves_the_damaged_layer_float_and_meets_the_bound(repaired):
     found = entry(result, name)
     assert found["status"] == "ok", found["error"]
     steps = found["quantization"]["repair"]["steps"]
-    assert steps[0]["kept_float"] == [] and steps[0]["drop_pp"] > 30  # full int8 is wrecked
-    assert steps[-1]["drop_pp"] <= 5.0 and len(steps[-1]["kept_float"]) == 1
-    assert DAMAGED in found["layers_left_float"][0] and found["layers_left_float"] == steps[-1]["kept_float"]
+    assert steps[0]["raised"] == [] and steps[0]["drop_pp"] > 30  # full int8 is wrecked
+    assert steps[-1]["drop_pp"] <= 5.0 and len(steps[-1]["raised"]) == 1
+    assert DAMAGED in found["layers_left_float"][0] and found["layers_left_float"] == steps[-1]["raised"]
+    assert found["quantization"]["repair"]["raised_to"] == "float"
     assert found["quantization"]["repair"]["images_from"].startswith("val (")
     report = json.loads((run / "exports" / found["quantization"]["layer_report"]["report"]).read_text())
     assert DAMAGED in report["worst"][0]["name"] and (run / "exports" / f"quantization/{name}.png").exists()
@@ -97,7 +98,7 @@ def test_repair_set_uses_validation_images_topped_up_with_calibration(tmp_path):
 
     calibration = np.ones((5, 4, 4, 3), np.float32)
     splits = DatasetSplits("x", "x", ["a"], train=[], val=[], test=["never read"])
-    images, source = repair_set(splits, calibration, 4, "plain", limit=3)
+    images, source = repair_set(splits, lambda count: calibration[:count], 4, "plain", limit=3, max_drop_pp=1.0)
     assert source == "train (3)" and images.shape == (3, 4, 4, 3)
     from PIL import Image
 
@@ -105,8 +106,10 @@ def test_repair_set_uses_validation_images_topped_up_with_calibration(tmp_path):
 
     Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "v.png")
     splits = DatasetSplits("x", "x", ["a"], train=[], val=[Sample(str(tmp_path / "v.png"), 0)], test=["never read"])
-    images, source = repair_set(splits, calibration, 4, "plain", limit=3)
+    images, source = repair_set(splits, lambda count: calibration[:count], 4, "plain", limit=3, max_drop_pp=1.0)
     assert source == "val (1) + train (2)" and images.shape == (3, 4, 4, 3)
+    images, source = repair_set(splits, lambda count: calibration[:count], 4, "plain", limit=None, max_drop_pp=25.0)
+    assert source == "val (1) + train (3)" and images.shape == (4, 4, 4, 3)  # 100 / 25 pp: one image is the bound
     np.testing.assert_array_equal(images[0, 0, 0], [10, 20, 30])
 
 
@@ -130,3 +133,26 @@ def test_export_repair_adds_both_repaired_variants(tiny_export, monkeypatch):
     recipe_tflite = ["fp32", "fp16", "dynamic", "int8", "qat_int8", "pruned_int8"]
     assert asked == [(recipe_tflite + ["int8_repaired"], ["fp32", "int8", "qat_int8", "int8_repaired"]),
                      (["int8", "int8_repaired"], ["int8_repaired"]), (["int8"], [])]
+
+
+def test_onnx_repair_raises_the_damaged_node_to_int16_weights(tmp_path):
+    """An outlier that crushes int8 weights but not int16 ones: the repair gives that node int16 weights, nothing
+    float, and meets the bound; the file holds int16 weights for that node only."""
+    import onnx
+
+    from edgetl.export import export_run
+
+    run = make_damaged_run(tmp_path, outlier=300.0)
+    result = export_run(run, tflite=[], onnx=["int8_repaired"], echo=lambda _: None)
+    found = entry(result, "onnx-int8_repaired")
+    assert found["status"] == "ok", found["error"]
+    repair = found["quantization"]["repair"]
+    assert repair["raised_to"] == "int16 weights" and found["layers_left_float"] == []
+    assert repair["steps"][0]["drop_pp"] > 30 and repair["steps"][-1]["drop_pp"] <= 5.0
+    assert len(repair["raised"]) == 1 and DAMAGED in repair["raised"][0]
+    assert found["quantization"]["int16_weights"] == repair["raised"]
+    graph = onnx.load(str(run / "exports" / found["path"])).graph
+    inits = {init.name: init for init in graph.initializer}
+    wide = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type == onnx.TensorProto.INT16]
+    assert len(wide) == 1 and DAMAGED in wide[0]

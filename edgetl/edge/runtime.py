@@ -57,15 +57,19 @@ class LatencyStats:
         return asdict(self)
 
 
-def quantize(pixels: np.ndarray, dtype: str, scale: float, zero_point: int) -> np.ndarray:
-    """Raw 0..255 pixels into the input dtype: float32 as-is, integers via q = round(x/scale + zp), clipped."""
+def image_input(pixels: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw 0..255 RGB pixels as an image input of `dtype` takes them: float32 as-is, integers as the camera byte.
+
+    The contract for integer inputs: uint8 gets the byte itself and int8 the byte - 128, whatever the input's
+    quantization. Its scale and zero point only say what the network reads the byte as, (q - zero_point) * scale:
+    (1, 0) is the pixel (the preprocessing runs as ops in the model), (1/127.5, 127) the pixel already
+    preprocessed as x / 127.5 - 1 (the quantization carries it, as in Google's reference MobileNetV2).
+    TFLite Task Library and MediaPipe feed uint8 image inputs the same way.
+    """
     if dtype == "float32":
         return pixels.astype(np.float32)
-    info = np.iinfo(dtype)
-    values = pixels.astype(np.float32)
-    if scale:
-        values = np.round(values / np.float32(scale) + np.float32(zero_point))
-    return np.clip(values, info.min, info.max).astype(dtype)
+    values = np.clip(np.round(pixels.astype(np.float32)), 0, 255)
+    return (values - 128 if dtype == "int8" else values).astype(dtype)
 
 
 def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -194,14 +198,11 @@ class TFLiteRunner(Runner):
             self._interp.allocate_tensors()
             self._batch = batch
 
-    def _quantized_input(self, images: np.ndarray) -> np.ndarray:
-        scale, zero_point = self._input["quantization"]
-        return quantize(images, self.input_dtype, scale, zero_point)
 
     def _prepare_invoke(self, pixels: np.ndarray):
         self._check_timed_batch(None if self._resizable else self._batch, len(pixels))
         self._set_batch(len(pixels))
-        self._interp.set_tensor(self._input["index"], self._quantized_input(pixels))
+        self._interp.set_tensor(self._input["index"], image_input(pixels, self.input_dtype))
         return self._interp.invoke
 
     def _run(self, images: np.ndarray) -> Dict[str, np.ndarray]:
@@ -211,7 +212,7 @@ class TFLiteRunner(Runner):
         for start in range(0, len(images), chunk):
             batch = images[start:start + chunk]
             self._set_batch(len(batch))
-            self._interp.set_tensor(self._input["index"], self._quantized_input(batch))
+            self._interp.set_tensor(self._input["index"], image_input(batch, self.input_dtype))
             self._interp.invoke()
             for name, detail in zip(self.output_names, self._outputs):
                 scale, zero_point = detail["quantization"]
@@ -250,7 +251,7 @@ class OnnxRunner(Runner):
         self.labels = _parse_labels(self._session.get_modelmeta().custom_metadata_map.get("labels"))
 
     def _feed(self, pixels: np.ndarray) -> dict:
-        values = quantize(pixels, self.input_dtype, 0.0, 0)
+        values = image_input(pixels, self.input_dtype)
         if self._channels_first:
             values = np.ascontiguousarray(values.transpose(0, 3, 1, 2))
         return {self._input_name: values}
@@ -299,7 +300,7 @@ class OpenVinoRunner(Runner):
                 "TFLite schema: pip install ai-edge-litert")
         self._input_name = port.get_any_name()
         self._tensor_names = [o.get_any_name() for o in model.outputs]
-        self._quantization = {name: info[name][1:] if info else (0.0, 0) for name in [self._input_name, *self._tensor_names]}
+        self._quantization = {name: info[name][1:] if info else (0.0, 0) for name in self._tensor_names}
         self.output_names = [info[name][0] if info else name for name in self._tensor_names]
         self.labels = (read_embedded_labels(path, self.output_names[0]) if self.kind == "tflite"
                        else _parse_labels(_rt_info_text(model, ["framework", "labels"])))
@@ -328,7 +329,7 @@ class OpenVinoRunner(Runner):
         return self._request
 
     def _feed(self, pixels: np.ndarray) -> np.ndarray:
-        return quantize(pixels, self.input_dtype, *self._quantization[self._input_name])
+        return image_input(pixels, self.input_dtype)
 
     def _prepare_invoke(self, pixels: np.ndarray):
         self._check_timed_batch(self._batch, len(pixels))

@@ -15,17 +15,25 @@ distillation from the float model (`edgetl.export.optimize.distill`), then post-
 TFLite's int8 weights are symmetric with zero point 0, so pruned zeros stay exactly zero and the sparsity
 survives without a second, prune-preserving QAT fine-tune). ONNX (tf2onnx, opset `export.opset`, input
 `image`, dynamic batch): fp32; int8 (onnxruntime static QDQ quantization after quant_pre_process,
-per-channel 8-bit weights, 8-bit activations, MinMax-calibrated on the same images; unsigned 8-bit for both,
-see `edgetl.export.onnx.quantize_pre_processed`); qat_int8 (the QAT model through tf2onnx; recorded as
+per-channel 8-bit weights, 8-bit activations, MinMax-calibrated on the same images; integer types and
+reduce_range from `export.target`, see `edgetl.export.targets`); qat_int8 (the QAT model through tf2onnx; recorded as
 not_supported: tf2onnx folds the per-channel weight fake-quant into float weights).
+
+The variants run in groups that share a prepared model (`groups`), each group in its own process when there
+are several (`edgetl.isolate`): the memory of a fine-tune or of onnxruntime's calibration is returned before the
+next group starts.
 
 Flattened, QAT and pruned Keras models are intermediate: they live in memory only (rebuilt from
 model.keras and the recipe in minutes), so exports/ holds only what ships. Modules: variants (the table),
 inputs (recipe, labels, model, training data), optimize (the preparations), cache (what variants share),
 tflite and onnx (builders and checks), metadata (TFLite Model Metadata), embed (C header).
 
-Integer inputs take camera bytes: the calibration set pins the input range to 0..255, so a uint8 input
-has scale 1 and zero point 0 (int8: zero point -128) and the baked-in preprocessing does the rest.
+Integer inputs take camera bytes (uint8: the byte, int8: byte - 128; `edgetl.edge.runtime.image_input`); the
+calibration set pins the input range to 0..255. Where the baked-in preprocessing is one per-tensor affine
+(MobileNet's x / 127.5 - 1), the full-integer TFLite variants convert the network without it and the input's
+quantization carries it (uint8 scale 1/127.5, zero point 127, as in Google's reference MobileNetV2; no
+preprocessing ops); otherwise a uint8 input has scale 1 and zero point 0 (int8: -128) and the preprocessing
+runs as ops (`edgetl.export.tflite`).
 
 Multi-task runs (recipe `model.heads`): every artifact has one output per head, in head order and named
 after the head (TFLite: output tensor and signature names; ONNX: graph output names); TFLite metadata
@@ -48,9 +56,13 @@ manifest.json schema (keys are stable):
     path              file name relative to exports/ (null unless ok)
     size_bytes, gzip_bytes, sha256    of the file (gzip level 9: the over-the-air size)
     input             {"name", "dtype", "shape" (null = dynamic), "scale", "zero_point"} (scale and
-                      zero_point null for float tensors; integer value = round(pixel / scale + zero_point))
+                      zero_point null for float tensors). An integer input takes the camera byte (int8: byte - 128)
+                      whatever they are; they say what the network reads it as, (value - zero_point) * scale
     outputs           list of the same for each output
-    quantization      {"scheme", ...}: calibration samples, io type, per-channel, fine-tune settings
+    quantization      {"scheme", ...}: calibration samples, io type, per-channel, fine-tune settings;
+                      "input_affine" {"scale", "offset", "mean", "std"} when the input quantization carries the
+                      preprocessing pixel * scale + offset = (pixel - mean) / std (TFLite full integer); ONNX int8:
+                      integer types, reduce_range and the export target they came from; repaired: "repair"
     converter         the converter that produced it, with its version
     layers_left_float layers that quantization-aware training left in float (qat variants), else []
     sparsity          pruned variants: {"target", "overall", "all_weights", "layers": {name: fraction}}
@@ -96,10 +108,15 @@ class ExportResult:
 
 
 def export_run(run_dir, tflite: list[str] | None = None, onnx: list[str] | None = None,
-               echo: Callable[[str], None] = print) -> ExportResult:
-    """Export the requested variants (None = the recipe's `export` lists) into RUN_DIR/exports/."""
-    # Imported here, not with the package: edgetl.recipe reads the variants table, and must stay light.
-    from edgetl.export.inputs import ExportInputs
+               echo: Callable[[str], None] = print, isolate: bool | None = None) -> ExportResult:
+    """Export the requested variants (None = the recipe's `export` lists) into RUN_DIR/exports/.
+
+    The variants are exported in groups that share one prepared model and converter (`groups`); `isolate` runs
+    each group in its own process (default: when there is more than one), so a group's memory (a fine-tune's
+    TensorFlow graphs, onnxruntime's calibration buffers) is returned before the next starts and the export
+    peaks at its largest group, not at their sum (flowers5: 5.2 GB in one process).
+    """
+    from edgetl.isolate import run_in_child
 
     run = RunDir(Path(run_dir))
     run.require(run.recipe_path, run.labels_path, run.model_path)
@@ -109,24 +126,49 @@ def export_run(run_dir, tflite: list[str] | None = None, onnx: list[str] | None 
     if not variants:
         raise ExportError(f"{run.recipe_path}: no variants to export; list them under export.tflite / export.onnx "
                           f"or pass --formats (e.g. --formats tflite:int8)")
-    inputs = ExportInputs(run, recipe)
     manifest = _start_manifest(run, recipe)
+    batches = groups(variants)
+    for group in batches:
+        if len(batches) > 1 if isolate is None else isolate:
+            manifest = run_in_child(_export_group, (run.path, group, manifest), echo, f"exporting {group[0].key}")
+        else:
+            manifest = _export_group(run.path, group, manifest, echo)
+    order = {v.key: i for i, v in enumerate(variants)}  # groups ran out of request order: put it back
+    manifest["artifacts"] = sorted(manifest["artifacts"], key=lambda a: order.get(a["name"], -1))
+    atomic_write_json(run.exports_dir / "manifest.json", manifest)
+    echo_summary(manifest, echo)
+    failed = [a["name"] for a in manifest["artifacts"] if a["status"] == "failed" and a["name"] in order]
+    return ExportResult(manifest, failed, run.exports_dir)
+
+
+def groups(variants: list[Variant]) -> list[list[Variant]]:
+    """The variants in groups that share what they convert: one per fine-tune (its TFLite and ONNX rows share the
+    fine-tuned model), and one per format for the trained model (a SavedModel, a tf2onnx graph); request order."""
+    grouped: dict[str, list[Variant]] = {}
+    for variant in variants:
+        grouped.setdefault(variant.prepare or variant.format, []).append(variant)
+    return list(grouped.values())
+
+
+def _export_group(run_path: Path, variants: list[Variant], manifest: dict, echo: Callable[[str], None]) -> dict:
+    """Export `variants` in this process, rewriting manifest.json after each artifact; the updated manifest."""
+    from edgetl.export.inputs import ExportInputs
+
+    run = RunDir(run_path)
+    inputs = ExportInputs(run, run.load_recipe())
+    manifest = {**manifest, "artifacts": list(manifest["artifacts"])}
     head_files = write_labels(run.exports_dir, inputs.labels, inputs.head_labels)
     if head_files:
         manifest["head_labels"] = head_files
-    failed, cache = [], Cache()
+    cache = Cache()
     with tempfile.TemporaryDirectory(prefix="edgetl-export-") as workdir:
         for variant in variants:
             echo(f"exporting {variant.key} ...")
-            entry = export_one(variant, inputs, cache, Path(workdir), echo)
-            _put(manifest["artifacts"], entry)
+            _put(manifest["artifacts"], export_one(variant, inputs, cache, Path(workdir), echo))
             manifest["preparation"] = {**manifest["preparation"], **cache.reports}
             manifest["created"] = _now()
             atomic_write_json(run.exports_dir / "manifest.json", manifest)
-            if entry["status"] == "failed":
-                failed.append(entry["name"])
-    echo_summary(manifest, echo)
-    return ExportResult(manifest, failed, run.exports_dir)
+    return manifest
 
 
 def export_one(variant: Variant, inputs: ExportInputs, cache: Cache, workdir: Path,

@@ -46,19 +46,38 @@ class ExportInputs:
         return load_splits(self.recipe)
 
     @cached_property
+    def _calibration_picks(self) -> np.ndarray:
+        """Indices into the training split of the calibration images: a seeded choice, in split order."""
+        train = self.splits.train
+        count = min(self.recipe.export.representative_samples, len(train))
+        return np.sort(np.random.default_rng(self.recipe.seed).choice(len(train), count, replace=False))
+
+    @cached_property
     def calibration(self) -> np.ndarray:
         """float32 (N,S,S,3) training images: a seeded choice of `export.representative_samples`."""
         from edgetl.data import load_arrays
 
         train = self.splits.train
-        count = min(self.recipe.export.representative_samples, len(train))
-        picks = np.sort(np.random.default_rng(self.recipe.seed).choice(len(train), count, replace=False))
-        images, _ = load_arrays([train[i] for i in picks], self.size, self.recipe.data.resize)
+        images, _ = load_arrays([train[i] for i in self._calibration_picks], self.size, self.recipe.data.resize)
         images = images.astype(np.float32)
-        # One black and one white pixel pin the calibrated input range to the full byte range, so an
-        # integer input is the camera byte itself (scale 1) and bright pixels never clip.
+        # One black and one white pixel pin the calibrated input range to the full byte range, so an integer
+        # input covers every camera byte and bright pixels never clip: scale 1 on raw pixels, or 1/127.5 where the
+        # input quantization carries MobileNet's x / 127.5 - 1 (edgetl.export.tflite).
         images[0, 0, 0], images[0, 0, 1] = 0.0, 255.0
         return images
+
+    def training_images(self, count: int) -> np.ndarray:
+        """float32 raw training images: the calibration images, topped up to `count` with the other training
+        images in split order (the repair scores on these; loaded now, not kept)."""
+        from edgetl.data import load_arrays
+
+        calibration = self.calibration[:count]
+        chosen = set(self._calibration_picks.tolist())
+        others = [s for i, s in enumerate(self.splits.train) if i not in chosen][:count - len(calibration)]
+        if not others:
+            return calibration
+        extra = load_arrays(others, self.size, self.recipe.data.resize)[0].astype(np.float32)
+        return np.concatenate([calibration, extra])
 
     @cached_property
     def finetune_data(self) -> FinetuneData:

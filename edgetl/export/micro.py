@@ -368,15 +368,12 @@ class TflmRunner:
 
     def raw(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, classes) outputs in the model's own output type."""
-        from edgetl.edge.runtime import quantize
+        from edgetl.edge.runtime import image_input
 
-        quant = self._input["quantization_parameters"]
-        scale = float(quant["scales"][0]) if len(quant["scales"]) else 0.0
-        zero_point = int(quant["zero_points"][0]) if len(quant["zero_points"]) else 0
         dtype = np.dtype(self._input["dtype"]).name
         rows = []
         for image in np.asarray(images):
-            self._interp.set_input(quantize(image[None], dtype, scale, zero_point), 0)
+            self._interp.set_input(image_input(image[None], dtype), 0)
             started = time.perf_counter()
             self._interp.invoke()
             self.invoke_seconds.append(time.perf_counter() - started)

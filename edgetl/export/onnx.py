@@ -34,9 +34,15 @@ def build_fp32(job: Conversion) -> Built:
 
 
 def int8_options(job: Conversion) -> dict:
-    """The recipe's export.int8 calibration method and per-channel switch, as quantize_pre_processed takes them."""
+    """The recipe's export.int8 calibration method and per-channel switch, and the types and reduce_range of its
+    export.target, as quantize_pre_processed takes them."""
+    from edgetl.export.targets import resolve
+
     int8 = job.inputs.recipe.export.int8
-    return {"method": int8.calibration, "per_channel": int8.per_channel}
+    target, how = resolve(job.inputs.recipe.export.target)
+    return {"method": int8.calibration, "per_channel": int8.per_channel, "activation_type": target.activation_type,
+            "weight_type": target.weight_type, "reduce_range": target.reduce_range,
+            "target": {"name": target.name, "chosen_by": how, "why": target.why}}
 
 
 def finish_int8(job: Conversion, data: bytes, settings: dict, **extra) -> Built:
@@ -105,23 +111,28 @@ def pre_process(src: Path, out: Path) -> None:
 
 
 def quantize_pre_processed(pre: Path, calibration: np.ndarray, method: str = "minmax", per_channel: bool = True,
-                           nodes_to_exclude: tuple[str, ...] = ()) -> tuple[bytes, dict]:
+                           activation_type: str = "uint8", weight_type: str = "int8", reduce_range: bool = False,
+                           nodes_to_exclude: tuple[str, ...] = (), int16_weights: tuple[str, ...] = (),
+                           target: dict | None = None) -> tuple[bytes, dict]:
     """ORT's recommended flow: static QDQ with (per-channel) 8-bit weights, `method` calibration
-    (minmax | entropy | percentile); `nodes_to_exclude` (node names of `pre`) stay float.
+    (minmax | entropy | percentile); `nodes_to_exclude` (node names of `pre`) stay float, and the weights of the
+    `int16_weights` nodes are quantized to int16 (the model moves to opset 21, whose QDQ ops take 16-bit types).
 
-    Returns (the quantized model, the settings passed, as the manifest records them: types by their
-    numpy name). U8U8 rather than S8S8: on x86 CPUs without VNNI, onnxruntime's signed kernels saturate
-    intermediate sums (its docs' "saturation" note); measured on flowers5 MobileNetV2: S8S8 -4.0 pp
-    top-1, U8U8 -0.5 pp.
+    The types ("uint8" / "int8") and reduce_range come from the export target (edgetl.export.targets).
+    Returns (the quantized model, the settings passed, as the manifest records them: types by their numpy name,
+    and `target`, the row they came from).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile}[method]
-    options = dict(per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
-                   calibrate_method=calibrate_method)
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    options = dict(per_channel=per_channel, activation_type=types[activation_type], weight_type=types[weight_type],
+                   reduce_range=reduce_range, calibrate_method=calibrate_method)
     # Strided calibration (one batch at a time) is MinMax's; the histogram methods merge batches themselves.
     extra = {"CalibStridedMinMax": 1} if method == "minmax" else {}
+    if int16_weights:
+        extra["TensorQuantOverrides"] = _int16_weight_overrides(pre, int16_weights, per_channel)
     with tempfile.TemporaryDirectory(prefix="edgetl-onnx-q-") as tmp:
         out = Path(tmp, "int8.onnx")
         quantize_static(str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
@@ -130,8 +141,30 @@ def quantize_pre_processed(pre: Path, calibration: np.ndarray, method: str = "mi
     return data, {"per_channel": options["per_channel"],
                   "activation_type": _type_name(options["activation_type"]),
                   "weight_type": _type_name(options["weight_type"]),
+                  "reduce_range": reduce_range,
                   "calibrate_method": options["calibrate_method"].name,
-                  "nodes_to_exclude": list(nodes_to_exclude)}
+                  "nodes_to_exclude": list(nodes_to_exclude), "int16_weights": list(int16_weights),
+                  **({"target": target} if target else {})}
+
+
+def _int16_weight_overrides(pre: Path, nodes: tuple[str, ...], per_channel: bool) -> dict:
+    """TensorQuantOverrides giving the weight initializer of each named Conv/MatMul/Gemm node int16 (per channel on
+    its output-channel axis when `per_channel`); a name that is no weighted node of `pre` is a ValueError."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    graph = onnx.load(str(pre), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.name in nodes and node.op_type in ("Conv", "MatMul", "Gemm") and node.input[1] in weights:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            axis = 0 if node.op_type == "Conv" or trans_b else 1  # Conv: OIHW; MatMul/Gemm: K x N unless transB
+            found[node.name] = (node.input[1], {"quant_type": QuantType.QInt16, **({"axis": axis} if per_channel else {})})
+    missing = sorted(set(nodes) - set(found))
+    if missing:
+        raise ValueError(f"no Conv/MatMul/Gemm with an initializer weight named {missing} in {pre.name}")
+    return {weight: [override] for weight, override in found.values()}
 
 
 def _type_name(quant_type) -> str:

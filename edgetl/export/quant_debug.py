@@ -63,7 +63,8 @@ def ranked(layers: list[LayerError]) -> list[LayerError]:
 
 
 class TfliteQuantizer:
-    """A SavedModel calibrated once on `images` (float32 raw pixels): per-layer report and selective int8."""
+    """A SavedModel calibrated once on `images` (float32, what the SavedModel takes): per-layer report and
+    selective int8."""
 
     def __init__(self, saved_model: str, images: np.ndarray, io: str = "uint8", per_channel: bool = True):
         import tensorflow as tf
@@ -129,11 +130,13 @@ class OnnxQuantizer:
         pre_process(Path(self._tmp.name, "fp32.onnx"), self.pre)
         self._images, self._options = images, options
 
-    def quantize(self, exclude: tuple[str, ...] = ()) -> tuple[bytes, dict]:
-        """QDQ int8 bytes and settings (edgetl.export.onnx.quantize_pre_processed) with `exclude` nodes float."""
+    def quantize(self, exclude: tuple[str, ...] = (), int16_weights: tuple[str, ...] = ()) -> tuple[bytes, dict]:
+        """QDQ int8 bytes and settings (edgetl.export.onnx.quantize_pre_processed) with `exclude` nodes float and
+        the weights of the `int16_weights` nodes in 16 bits."""
         from edgetl.export.onnx import quantize_pre_processed
 
-        return quantize_pre_processed(self.pre, self._images, nodes_to_exclude=tuple(exclude), **self._options)
+        return quantize_pre_processed(self.pre, self._images, nodes_to_exclude=tuple(exclude),
+                                      int16_weights=tuple(int16_weights), **self._options)
 
     def report(self, qdq: bytes) -> list[LayerError]:
         """Every Conv/MatMul/Gemm of the QDQ model `qdq`, in graph order (see the module docstring)."""
@@ -153,13 +156,21 @@ class OnnxQuantizer:
 
 def tflite_debugged(job: Conversion) -> tuple[TfliteQuantizer, list[LayerError], dict, dict[str, bytes]]:
     """The job's calibrated quantizer, its per-layer report, the manifest's quantization record and the report's
-    files (Built.files: written after the artifact): what the int8 and int8_repaired builders share."""
+    files (Built.files: written after the artifact): what the int8 and int8_repaired builders share.
+
+    With integer io an affine preprocessing is carried by the input quantization (edgetl.export.tflite
+    `full_integer_input`): the quantizer calibrates the network after it on the preprocessed images.
+    """
+    from edgetl.export.tflite import affine_record, full_integer_input
+
     int8, io = job.inputs.recipe.export.int8, job.inputs.recipe.export.io
-    quantizer = TfliteQuantizer(job.graph, job.calibration, io, int8.per_channel)
+    graph, images, affine = full_integer_input(job)
+    quantizer = TfliteQuantizer(graph, images, io, int8.per_channel)
     layers = quantizer.report()
-    summary, files = report_files(job.variant.key, layers, len(job.calibration), TFLITE_SOURCE)
-    return quantizer, layers, {"scheme": job.variant.scheme, "calibration_samples": len(job.calibration), "io": io,
-                               "per_channel": quantizer.per_channel, "layer_report": summary}, files
+    summary, files = report_files(job.variant.key, layers, len(images), TFLITE_SOURCE)
+    return quantizer, layers, {"scheme": job.variant.scheme, "calibration_samples": len(images), "io": io,
+                               "per_channel": quantizer.per_channel, **affine_record(affine),
+                               "layer_report": summary}, files
 
 
 def tflite_converter_note() -> str:
