@@ -119,15 +119,20 @@ def compare(a: Timed, b: Timed, rounds: int, runs: int, warmup: int) -> float:
     return a.median / b.median
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="interpreter threads (same for every model)")
+def timing_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options this benchmark and bench_int8.py share: timing rounds, the int8 export's data, the reference."""
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--runs", type=int, default=10, help="invocations per model per round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100, help="calibration images for the int8 export")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "flowers5", help="calibration dataset")
     parser.add_argument("--reference", type=Path, default=REFERENCE)
+    return parser
+
+
+def main() -> None:
+    parser = timing_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser.add_argument("--threads", type=int, default=1, help="interpreter threads (same for every model)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the throw-away run directory here")
     args = parser.parse_args()
 

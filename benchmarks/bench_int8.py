@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_export import REFERENCE, SHARED, Timed, interleave, make_run
+from bench_export import Timed, interleave, make_run, timing_arguments
 
 # CPU features that decide which int8 kernels run (x86 VNNI/AMX dot products; Arm dot product and i8mm).
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm")
@@ -84,15 +84,9 @@ def verdict(value: float, target: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--run", type=Path, default=None, help="a trained run whose exports/ to compare")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--runs", type=int, default=10, help="invocations per model per round")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=100, help="calibration images for the reference-size export")
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "flowers5", help="calibration dataset")
-    parser.add_argument("--reference", type=Path, default=REFERENCE)
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args()
 

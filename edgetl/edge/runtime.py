@@ -198,7 +198,6 @@ class TFLiteRunner(Runner):
             self._interp.allocate_tensors()
             self._batch = batch
 
-
     def _prepare_invoke(self, pixels: np.ndarray):
         self._check_timed_batch(None if self._resizable else self._batch, len(pixels))
         self._set_batch(len(pixels))

@@ -19,11 +19,13 @@ every other weight of a channel reads as a fine weight (and it mis-dequantizes u
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,8 +78,9 @@ class TfliteQuantizer:
         converter._experimental_disable_per_channel = not per_channel  # noqa: SLF001 - the converter's own switch
         options = tf.lite.experimental.QuantizationDebugOptions()
         # The debugger calibrates once (calibrate-only conversion) and builds the NumericVerify model from it.
-        self._debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=self._dataset,
-                                                                   debug_options=options)
+        with _debugger_warnings_hidden():
+            self._debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=self._dataset,
+                                                                       debug_options=options)
         self.per_channel = per_channel
 
     def _dataset(self):
@@ -94,10 +97,11 @@ class TfliteQuantizer:
         powers = {"signal": lambda f, q, s, zp: float(np.mean(np.square(f, dtype=np.float64))),
                   "noise": lambda f, q, s, zp: float(np.mean(np.square((q.astype(np.float64) - zp) * s - f)))}
         options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics=powers)
-        debugger = tf.lite.experimental.QuantizationDebugger(
-            quant_debug_model_content=self._debugger.get_debug_quantized_model(), debug_dataset=self._dataset,
-            debug_options=options)
-        debugger.run()
+        with _debugger_warnings_hidden():
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                quant_debug_model_content=self._debugger.get_debug_quantized_model(), debug_dataset=self._dataset,
+                debug_options=options)
+            debugger.run()
         dump = io.StringIO()
         debugger.layer_statistics_dump(dump)
         dump.seek(0)
@@ -114,6 +118,16 @@ class TfliteQuantizer:
         return convert.mlir_quantize(self._debugger.calibrated_model, disable_per_channel=not self.per_channel,
                                      input_data_type=io_type, output_data_type=io_type,
                                      denylisted_nodes=list(denylist) or None)
+
+
+@contextlib.contextmanager
+def _debugger_warnings_hidden():
+    """Hide the two warnings the QuantizationDebugger's own interpreter raises on every export: it is TensorFlow's
+    deprecated tf.lite.Interpreter, and it keeps every tensor on purpose (that is how layers are compared)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+        warnings.filterwarnings("ignore", message=r"(?s).*experimental_preserve_all_tensors")
+        yield
 
 
 class OnnxQuantizer:
