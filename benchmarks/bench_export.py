@@ -68,19 +68,25 @@ def bare_fp32(run_dir: Path) -> bytes:
 
 class Timed:
     """One artifact on edgetl's runner (LiteRT for .tflite, ONNX Runtime for .onnx; what validate runs) with a fixed
-    random input; `time(n)` appends n single-invoke latencies (ms)."""
+    random input; `time(n, warmup)` appends n single-invoke latencies (ms).
+
+    Its interpreter lives only while it is timed: two live interpreters' thread pools in one process slow each other
+    (flowers5 tflite-int8_repaired, whose float layers split it into several partitions, measured 3.38 ms at 2
+    threads next to a live tflite-int8 and 2.04 ms alone).
+    """
 
     def __init__(self, name: str, path: Path, threads: int):
-        from edgetl.edge.runtime import open_model
-
-        self.name, self.path = name, Path(path)
-        self.runner = open_model(self.path, threads=threads)
+        self.name, self.path, self.threads = name, Path(path), threads
         self.ops = _ops(self.path)
         self.samples: list[float] = []
 
-    def time(self, n: int) -> None:
-        for _ in range(n):
-            self.samples.append(self.runner.time_invoke(runs=1, warmup=0).p50_ms)
+    def time(self, n: int, warmup: int) -> None:
+        from edgetl.edge.runtime import open_model
+
+        runner = open_model(self.path, threads=self.threads)
+        for _ in range(warmup):
+            runner.time_invoke(runs=1, warmup=0)
+        self.samples += [runner.time_invoke(runs=1, warmup=0).p50_ms for _ in range(n)]
 
     @property
     def median(self) -> float:
@@ -102,13 +108,11 @@ def _ops(path: Path) -> Counter:
 
 
 def interleave(models: list[Timed], rounds: int, runs: int, warmup: int) -> None:
-    """Time `models` in interleaved rounds (machine noise hits them alike), after `warmup` untimed invokes each."""
-    for model in models:
-        model.time(warmup)
-        model.samples = []
+    """Time `models` in interleaved rounds (machine noise hits them alike), each round after `warmup` untimed
+    invokes of a freshly opened interpreter."""
     for _ in range(rounds):
         for model in models:
-            model.time(runs)
+            model.time(runs, warmup)
 
 
 def compare(a: Timed, b: Timed, rounds: int, runs: int, warmup: int) -> float:

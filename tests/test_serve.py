@@ -5,6 +5,7 @@ from the zipapp runner (overload), and one through `edgetl serve` (SIGTERM drain
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import gzip
@@ -349,6 +350,8 @@ def test_every_error_code_from_real_bad_requests(main_server, client, images):
          {**AUTH, "Content-Type": "image/jpeg"}),                                                      # oversized
         (404, "POST", "/v2/models/nope/infer", json.dumps(good), AUTH),                               # unknown model
         (404, "GET", "/v2/models/uint8/versions/2", None, AUTH),
+        (404, "POST", "/v2/models/uint8/versions/2/infer", json.dumps(good), AUTH),
+        (405, "GET", infer, None, AUTH),
         (401, "POST", infer, json.dumps(good), {}),                                                   # no key
         (401, "POST", infer, json.dumps(good), {"Authorization": "Bearer wrong"}),                    # wrong key
     ]
@@ -373,6 +376,34 @@ def test_every_error_code_from_real_bad_requests(main_server, client, images):
     assert metric(text, "edgetl_requests_total", model="uint8", endpoint="infer", code="400") >= 6
     assert metric(text, "edgetl_requests_total", model="", endpoint="infer", code="404") == 1
     assert "code=\"500\"" not in text
+    assert re.search(r'"POST /v2/models/uint8/classify" 413 \d+ [\d.]+ms', main_server.log_path.read_text())
+
+
+def test_a_lone_request_is_not_held_back_to_fill_a_batch():
+    """With batching on (max delay 2 s), a request with no other admitted request in flight runs at once."""
+    from edgetl.edge.serve.batcher import Batcher, BatchOptions
+    from edgetl.edge.serve.metrics import ServeMetrics
+
+    batches = []
+
+    def execute(worker, payloads):
+        batches.append(list(payloads))
+        return [payload * 2 for payload in payloads]
+
+    options = BatchOptions(workers=1, max_batch=4, max_delay_s=2.0)
+    batcher = Batcher("m", execute, options, lambda: options.max_batch, ServeMetrics())
+    batcher.start()
+
+    async def one(value):
+        with batcher.admit():
+            return await batcher.run(value, 1, lambda out: out, time.monotonic() + 10)
+
+    try:
+        start = time.monotonic()
+        assert asyncio.run(one(21)) == 42
+        assert time.monotonic() - start < 1.0 and batches == [[21]]
+    finally:
+        batcher.stop()
 
 
 def test_parse_targets_names_run_dirs_and_resize(tmp_path, models):

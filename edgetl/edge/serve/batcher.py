@@ -2,8 +2,10 @@
 
 A request holds one of `max_queue + workers * max_batch` slots from before its body is read until it is answered,
 so a full server answers 503 at once and memory stays bounded. Admitted jobs wait in a FIFO; each worker thread
-takes the oldest, gathers more for up to `max_delay_s` while the model accepts batches, and runs them on its own
-interpreter (the TFLite interpreter is not thread-safe). A job whose deadline passed is answered 503, not run.
+takes the oldest plus whatever else is queued while the model accepts batches, and waits up to `max_delay_s` for
+more only while admitted requests are still on their way (body being read or parsed): a lone request is never held
+back. It runs them on its own interpreter (the TFLite interpreter is not thread-safe). A job whose deadline passed is
+answered 503, not run.
 Idle workers are woken last-in first-out, so a lightly loaded server keeps using the interpreter whose weights are
 still in the CPU caches (round-robin over two MobileNetV2 interpreters measured slower at concurrency 1).
 """
@@ -76,6 +78,7 @@ class Batcher:
         self._wakeups = [threading.Condition(self._lock) for _ in range(options.workers)]
         self._idle: List[int] = []  # sleeping workers, the most recent last
         self._admitted = 0
+        self._busy = 0  # jobs the workers have taken and not yet answered
         self._stopping = False
         self._threads = [threading.Thread(target=self._work, args=(i,), name=f"edgetl-{name}-{i}", daemon=True)
                          for i in range(options.workers)]
@@ -106,18 +109,23 @@ class Batcher:
             self._admitted -= 1
 
     async def run(self, payload: Any, count: int, finish: Callable[[Any], Any], deadline: float) -> Any:
-        """Queue a job and wait for its answer; 503 when `deadline` (time.monotonic) passes first."""
+        """Queue a job and wait for its answer; 503 when `deadline` (time.monotonic) passes first.
+
+        A timer fails the job's future at the deadline (asyncio.wait_for would add a task and a future per request)."""
         loop = asyncio.get_running_loop()
         job = Job(payload, count, finish, deadline, loop.create_future(), loop)
         with self._lock:
             self._queue.append(job)
             if self._idle:
                 self._wakeups[self._idle.pop()].notify()
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job)
         try:
-            return await asyncio.wait_for(job.future, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+            return await job.future
+        except asyncio.CancelledError:  # the server gave up on the request: nobody waits for its answer
             job.abandoned = True
-            raise _deadline_exceeded() from None
+            raise
+        finally:
+            timer.cancel()
 
     def _work(self, index: int) -> None:
         while True:
@@ -135,6 +143,8 @@ class Batcher:
                     live.append(job)
             if live:
                 self._run_batch(index, live, now)
+            with self._lock:
+                self._busy -= len(batch)
 
     def _run_batch(self, index: int, jobs: List[Job], taken: float) -> None:
         start = time.perf_counter()
@@ -158,7 +168,8 @@ class Batcher:
                                     time.perf_counter() - start)
 
     def _take(self, index: int) -> Optional[List[Job]]:
-        """The oldest job plus, while the model batches, more that arrive within max_delay_s (None: stop)."""
+        """The oldest job plus, while the model batches, more that are queued or arrive within max_delay_s from
+        requests already admitted (None: stop)."""
         with self._lock:
             while not self._queue:
                 if self._stopping:
@@ -175,9 +186,11 @@ class Batcher:
                     total += batch[-1].count
                     continue
                 remaining = end - time.monotonic()
-                if remaining <= 0 or self._stopping:
+                on_the_way = self._admitted - self._busy - len(batch)  # admitted, not yet queued
+                if remaining <= 0 or self._stopping or on_the_way <= 0:
                     break
                 self._sleep(index, remaining)
+            self._busy += len(batch)
             return batch
 
     def _sleep(self, index: int, timeout: Optional[float]) -> None:
@@ -190,6 +203,13 @@ class Batcher:
 
 def _deadline_exceeded() -> Overloaded:
     return Overloaded("the request's deadline passed before it was answered (--timeout-ms or parameters.timeout)")
+
+
+def _expire(job: Job) -> None:
+    """The deadline passed before the job was answered: 503 now, and a worker that has not started it skips it."""
+    if not job.future.done():
+        job.abandoned = True
+        job.future.set_exception(_deadline_exceeded())
 
 
 def _settle(job: Job, value: Any = None, error: Optional[BaseException] = None) -> None:

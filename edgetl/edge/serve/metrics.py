@@ -5,7 +5,7 @@ and time computing; model reloads and whether the file on disk currently fails t
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -14,7 +14,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServeMetrics:
-    """Every metric `edgetl serve` exports; `render()` is the /metrics body."""
+    """Every metric `edgetl serve` exports; `render()` is the /metrics body.
+
+    The series written per request are looked up once and kept (`labels()` takes a lock and builds a key each call).
+    """
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -38,6 +41,8 @@ class ServeMetrics:
                                    "previous model still serves, else 0.", ["model"], registry=r)
         self.generation = Gauge("edgetl_model_generation", "How many times the model has been loaded (1 = the file "
                                 "served since start).", ["model"], registry=r)
+        self._request_series: Dict[Tuple[str, str, int], Any] = {}
+        self._batch_series: Dict[str, Tuple[Any, Any, Any]] = {}
 
     def add_model(self, name: str, queue_depth: Callable[[], float], admitted: Callable[[], float]) -> None:
         """Create a model's series up front (so they read 0 rather than being absent) with live gauges."""
@@ -46,14 +51,23 @@ class ServeMetrics:
         self.reload_failed.labels(name).set(0)
         for result in ("ok", "failed"):
             self.reloads.labels(name, result)
+        self._batch_series[name] = (self.batch_size.labels(name), self.queue_seconds.labels(name),
+                                    self.compute_seconds.labels(name))
+
+    def count_request(self, model: str, endpoint: str, code: int) -> None:
+        """One answered inference request (event loop thread only)."""
+        series = self._request_series.get((model, endpoint, code))
+        if series is None:
+            series = self._request_series[model, endpoint, code] = self.requests.labels(model, endpoint, str(code))
+        series.inc()
 
     def observe_batch(self, name: str, images: int, queue_waits: Sequence[float], compute_s: float) -> None:
         """One worker call: its size, how long each of its jobs queued, and how long it took."""
-        self.batch_size.labels(name).observe(images)
-        histogram = self.queue_seconds.labels(name)
+        batch_size, queue_seconds, compute_seconds = self._batch_series[name]
+        batch_size.observe(images)
         for wait in queue_waits:
-            histogram.observe(wait)
-        self.compute_seconds.labels(name).observe(compute_s)
+            queue_seconds.observe(wait)
+        compute_seconds.observe(compute_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
