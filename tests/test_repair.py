@@ -92,6 +92,31 @@ def test_repair_stops_with_a_clear_message_when_no_step_meets_the_bound():
     assert built == [(), ("layer0",), ("layer0", "layer1")]  # most sensitive (lowest SNR) first
 
 
+def test_a_layer_over_the_latency_limit_is_undone_and_the_next_one_tried():
+    """layer0 (the most sensitive) would fix nothing and triple the latency; layer1 fixes the bound cheaply."""
+    from edgetl.export.quant_debug import LayerError
+    from edgetl.export.repair import repair
+    from edgetl.recipe import Int8Config
+
+    layers = [LayerError(i, f"layer{i}", "CONV_2D", float(i)) for i in range(3)]
+    reference = np.array([0, 1, 2, 0])
+    right, wrong = np.eye(3)[reference], np.eye(3)[[1, 2, 0, 1]]
+
+    def predict(data, images):
+        return right if b"layer1" in data else wrong
+
+    def latency(data):
+        return 3.0 if b"layer0" in data else 1.0
+
+    lines = []
+    result = repair(layers, lambda raised: ",".join(raised).encode() or b"int8", predict, latency,
+                    np.zeros((4, 2, 2, 3)), reference, Int8Config(max_latency_ratio=1.3), echo=lines.append)
+    assert [s.raised for s in result.steps] == [(), ("layer0",), ("layer1",)]
+    assert result.steps[1].limit.startswith("export.int8.max_latency_ratio") and result.steps[2].limit is None
+    assert result.data == b"layer1" and result.steps[-1].drop_pp == 0.0
+    assert "(over export.int8.max_latency_ratio (1.3x full int8): undone)" in lines[1]
+
+
 def test_repair_set_uses_validation_images_topped_up_with_calibration(tmp_path):
     from edgetl.data import DatasetSplits
     from edgetl.export.repair import repair_set
