@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from bench_export import Timed, interleave, make_run, timing_arguments
+from bench_serve import cpu_facts
 
 # CPU features that decide which int8 kernels run (x86 VNNI/AMX dot products; Arm dot product and i8mm).
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm")
@@ -30,21 +30,6 @@ INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int
 # (artifact, baseline, latency target, size target) for the run's exports: None = not a target.
 PAIRS = (("tflite-int8_repaired", "tflite-int8", 1.3, 1.5), ("onnx-int8_repaired", "onnx-int8", 1.3, 1.5),
          ("onnx-int8", "tflite-int8", 1.5, None))
-
-
-def machine() -> dict:
-    """CPU model, core count and the int8-relevant flags, from /proc/cpuinfo where there is one."""
-    import os
-
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": []}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        info["cpu"] = fields.get("model name", info["cpu"])
-        flags = set((fields.get("flags") or fields.get("Features") or "").split())
-        info["flags"] = [flag for flag in INT8_FLAGS if flag in flags]
-    return info
 
 
 def input_note(path: Path) -> str:
@@ -92,7 +77,7 @@ def main() -> None:
 
     from edgetl.export import export_run
 
-    host = machine()
+    host = cpu_facts(INT8_FLAGS)
     print(f"machine: {host['cpu']}, {host['cores']} cores, int8 flags: {' '.join(host['flags']) or 'none'}")
     report = {"machine": host, "threads": args.threads, "reference": [], "run": []}
     root = Path(tempfile.mkdtemp(prefix="bench-int8-"))

@@ -69,13 +69,15 @@ def default_image() -> Path:
     return images[0]
 
 
-def cpu_facts() -> dict:
-    """CPU model, core count and the SIMD flags that decide int8 kernel speed."""
+def cpu_facts(wanted: tuple[str, ...] = CPU_FLAGS) -> dict:
+    """CPU model, core count, load and which of the `wanted` SIMD flags (those that decide int8 speed) it has."""
+    from edgetl.export.targets import cpu_flags
+
     text = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set((re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())
+    flags = cpu_flags()
     return {"cpu": model.group(1) if model else platform.processor(), "cores": os.cpu_count(),
-            "flags": [f for f in CPU_FLAGS if f in flags], "load_average": os.getloadavg()}
+            "flags": [f for f in wanted if f in flags], "load_average": os.getloadavg()}
 
 
 # ---------------------------------------------------------------- bare interpreter

@@ -39,12 +39,12 @@ NAMES: tuple[str, ...] = ("auto",) + tuple(t.name for t in TARGETS)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 
-def detect(machine: str | None = None, cpu_flags: set[str] | None = None) -> tuple[str, str]:
+def detect(machine: str | None = None, flags: set[str] | None = None) -> tuple[str, str]:
     """(target name, why) for this machine (or the given architecture and CPU flags)."""
     machine = (machine or platform.machine()).lower()
     if machine in ("aarch64", "arm64"):
         return "arm64", f"auto: {machine} CPU"
-    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    flags = cpu_flags() if flags is None else flags
     vnni = [f for f in VNNI_FLAGS if f in flags]
     if vnni:
         return "x86_avx512_vnni", f"auto: {vnni[0]} in the CPU flags"
@@ -60,7 +60,8 @@ def resolve(name: str) -> tuple[Target, str]:
     raise ExportError(f"export.target {name!r} is not a target; use one of {', '.join(NAMES)}")
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (/proc/cpuinfo `flags`, Arm `Features`); empty where there is no cpuinfo."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text(errors="replace") if cpuinfo.exists() else ""
     for line in text.splitlines():
