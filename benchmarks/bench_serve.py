@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 15): `edgetl serve` against the bare interpreter, loaded by `hey` on loopback.
+"""Serving benchmark (issue 15): `edgetl serve` against the bare interpreter, loaded by `wrk` or `hey` on loopback.
 
 Targets, as ratios measured in one run on this machine:
   1. p50 latency at concurrency 1 <= 1.15x the bare interpreter's decode+invoke of the same JPEG
@@ -12,9 +12,10 @@ Targets, as ratios measured in one run on this machine:
   3. at 2x saturation (rate-limited hey clients in 8 staggered hey processes offering twice the throughput
      of 2.): 503s shed the excess and nothing else fails, the server's RSS stays flat (grows by at most 2 %
      from the end of the phase's first quarter to its end), and p99 of the accepted requests <= 3x the
-     unloaded p99 of 1. The p99 target is judged with one queued request per worker (--max-queue WORKERS,
-     the setting for a latency bound, phase 3b); phase 3 shows the same load on the server of 2., whose
-     queue admits all 8 clients and so makes an admitted request wait about 8 / throughput.
+     unloaded p99 of 1. The p99 target is judged with two slots per worker (--max-queue WORKERS without
+     batching, 0 with --max-batch 2: the setting for a latency bound, phase 3b); phase 3 shows the same load on
+     the server of 2., whose queue admits all 8 clients and so makes an admitted request wait about
+     8 / throughput.
   4. server RSS with the model loaded <= 150 MB (its peak, VmHWM, over the whole run).
 
 The model is an int8 MobileNetV2 224 .tflite: MODEL if given, else the newest `tflite-int8.tflite` of a
@@ -22,9 +23,14 @@ models/flowers_mobilenet_v2/ run, else the Coral reference `tf2_mobilenet_v2_1.0
 ../shared/reference as a stand-in (said so in the output). Requests are POST /v2/models/m/classify with
 a flowers5 JPEG (decoded and resized on the server, as the bare loop decodes it).
 
-The load generator is `hey` (Debian: `apt-get install hey`); it is not part of CI.
+The load generator of 1. and 2. is `--load wrk` (default; Debian `apt-get install wrk`, with a Lua script that posts
+the JPEG and prints latency quantiles and status counts as JSON) or `--load hey`: the generator runs on the same
+cores as the server, and wrk takes less CPU per request than hey. Phases 3 and 3b always use `hey`: they need its
+rate limit (-q) and the latency of each accepted request. Neither tool is part of CI. A wrk round of 1. lasts a whole
+second (wrk's durations are whole seconds), against `--runs` bare runs.
 
-    .venv/bin/python benchmarks/bench_serve.py [MODEL.tflite] [--image JPEG] [--seconds 10] [--json out.json]
+    .venv/bin/python benchmarks/bench_serve.py [MODEL.tflite] [--image JPEG] [--seconds 10] [--load wrk|hey]
+        [--max-batch B --max-delay-ms D] [--json out.json]
 """
 from __future__ import annotations
 
@@ -52,6 +58,33 @@ REFERENCE = SHARED / "reference" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm")
 STREAMS = 8
 TARGETS = {"latency_ratio": 1.15, "throughput_ratio": 0.9, "overload_p99_ratio": 3.0, "rss_mb": 150.0}
+# wrk: POST the JPEG named by $BENCH_IMAGE; done() prints {"quantiles_us": [...], "statuses": {...}, "seconds": ...,
+# "errors": {...}} on one line. wrk 4.1's Lua sees its latency histogram only through percentile(), so the latencies
+# come back as QUANTILES quantiles at the midpoints of equal shares of the answers (each stands for 1/QUANTILES).
+WRK_QUANTILES = 200
+WRK_SCRIPT = f"QUANTILES = {WRK_QUANTILES}\n" + r"""
+local file = assert(io.open(os.getenv("BENCH_IMAGE"), "rb"))
+wrk.method, wrk.body = "POST", file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "image/jpeg"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local counts = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do counts[status] = (counts[status] or 0) + n end
+  end
+  local quantiles, codes = {}, {}
+  for i = 1, QUANTILES do quantiles[i] = string.format("%d", latency:percentile((i - 0.5) * 100 / QUANTILES)) end
+  for status, n in pairs(counts) do codes[#codes + 1] = string.format('"%d":%d', status, n) end
+  local e = summary.errors
+  io.write(string.format('WRK-JSON {"quantiles_us":[%s],"statuses":{%s},"seconds":%f,'
+    .. '"errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d}}\n', table.concat(quantiles, ","),
+    table.concat(codes, ","), summary.duration / 1e6, e.connect, e.read, e.write, e.timeout))
+end
+"""
 
 
 def default_model() -> tuple[Path, str]:
@@ -119,9 +152,11 @@ def bare_throughput(model: Path, data: bytes, size: int, resize: str, copies: in
 
 # ---------------------------------------------------------------- server and hey
 class Server:
-    def __init__(self, model: Path, workers: int, threads: int, max_queue: int, resize: str, log: Path):
+    def __init__(self, model: Path, workers: int, threads: int, max_queue: int, resize: str, log: Path,
+                 batching: tuple[str, ...] = ()):
         argv = [sys.executable, "-m", "edgetl.edge.serve", f"m={model}", "--port", "0", "--workers", str(workers),
-                "--threads", str(threads), "--max-queue", str(max_queue), "--resize", resize, "--reload-interval", "0"]
+                "--threads", str(threads), "--max-queue", str(max_queue), "--resize", resize, "--reload-interval", "0",
+                *batching]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, env=env)
@@ -179,6 +214,40 @@ def hey(url: str, image: Path, *args: str) -> dict:
     return hey_result(hey_start(url, image, *args))
 
 
+def wrk(url: str, image: Path, script: Path, concurrency: int, seconds: int) -> dict:
+    """One wrk run (one thread, `concurrency` connections, whole `seconds`) against /classify, as hey_result's dict;
+    its latencies are WRK_QUANTILES quantiles of every answer's (wrk keeps none per status): callers check statuses."""
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
+           f"{url}/v2/models/m/classify"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
+                         env={**os.environ, "BENCH_IMAGE": str(image)}, check=True).stdout
+    doc = json.loads(next(line for line in out.splitlines() if line.startswith("WRK-JSON "))[len("WRK-JSON "):])
+    errors = {kind: n for kind, n in doc["errors"].items() if n}
+    statuses = {**doc["statuses"], **{f"socket {kind}": n for kind, n in errors.items()}}
+    return {"ok_ms": [us / 1000.0 for us in doc["quantiles_us"]], "statuses": statuses,
+            "answered": int(sum(doc["statuses"].values())), "seconds": doc["seconds"]}
+
+
+class Load:
+    """The load generator of phases 1 and 2: `wrk` or `hey`, closed-loop with `concurrency` clients."""
+
+    def __init__(self, tool: str, url: str, image: Path, workdir: Path):
+        self.tool, self.url, self.image = tool, url, image
+        self.script = workdir / "bench_serve_wrk.lua"
+        self.script.write_text(WRK_SCRIPT)
+
+    def requests(self, concurrency: int, count: int) -> dict:
+        """About `count` requests: exactly so with hey; with wrk, a whole second."""
+        if self.tool == "hey":
+            return hey(self.url, self.image, "-n", str(count), "-c", str(concurrency))
+        return wrk(self.url, self.image, self.script, concurrency, 1)
+
+    def run_for(self, concurrency: int, seconds: float) -> dict:
+        if self.tool == "hey":
+            return hey(self.url, self.image, "-z", f"{seconds:g}s", "-c", str(concurrency))
+        return wrk(self.url, self.image, self.script, concurrency, max(1, round(seconds)))
+
+
 def saturate(server: Server, image: Path, rate: float, per_stream: int, seconds: float) -> tuple[dict, list]:
     """Offer `rate` req/s per client from STREAMS staggered hey processes; merged results and RSS samples (MB)."""
     samples, done = [], threading.Event()
@@ -210,6 +279,11 @@ def report_overload(label: str, result: dict, unloaded_p99: float, setting: str)
     return p99 / unloaded_p99, set(statuses) <= {"200", "503"} and statuses.get("503", 0) > 0
 
 
+def add_counts(total: dict, counts: dict) -> None:
+    for code, n in counts.items():
+        total[code] = total.get(code, 0) + n
+
+
 def percentile(values, q) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
@@ -226,10 +300,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     parser.add_argument("--runs", type=int, default=60, help="requests (and bare runs) per latency round")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
+    parser.add_argument("--load", choices=("wrk", "hey"), default="wrk", help="load generator of phases 1 and 2")
+    parser.add_argument("--max-batch", type=int, default=2, help="the server's --max-batch (default 2, as served)")
+    parser.add_argument("--max-delay-ms", type=float, default=2.0, help="the server's --max-delay-ms")
     parser.add_argument("--json", dest="json_out", type=Path, help="also write the results here")
     args = parser.parse_args()
-    if shutil.which("hey") is None:
-        raise SystemExit("hey is not installed: apt-get install hey")
+    for tool in {"hey", args.load}:
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: apt-get install {tool}")
     from edgetl.edge.runtime import open_model
 
     if args.model:
@@ -258,38 +336,44 @@ def main() -> int:
     print("\nbare decode+invoke throughput (copies x threads: median img/s of 3 rounds): "
           + ", ".join(f"{k}: {v:.1f}" for k, v in bare.items()) + f"; best {best}; served {served}")
 
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_serve_server.log"
+    workdir = Path(os.environ.get("TMPDIR", "/tmp"))
+    log = workdir / "bench_serve_server.log"
     max_queue = max(0, 8 - copies)  # slots = queue + workers: all 8 clients of phase 2 are admitted
-    server = Server(model, copies, threads, max_queue, args.resize, log)
+    batching = ("--max-batch", str(args.max_batch), "--max-delay-ms", f"{args.max_delay_ms:g}")
+    server = Server(model, copies, threads, max_queue, args.resize, log, batching)
     rss_idle = server.status_mb("VmRSS")
-    print(f"\nserver --workers {copies} --threads {threads} --max-queue {max_queue}: RSS {rss_idle:.1f} MB after "
-          f"load and warm-up (log: {log})")
-    hey(server.url, image, "-n", "50", "-c", "1")
+    print(f"\nserver --workers {copies} --threads {threads} --max-queue {max_queue} {' '.join(batching)}: RSS "
+          f"{rss_idle:.1f} MB after load and warm-up (log: {log}); load generator of [1] and [2]: {args.load}")
+    load = Load(args.load, server.url, image, workdir)
+    load.requests(1, 50)
 
     runner = open_model(model, threads=threads)
     bare_latency(runner, data, size, args.resize, 10)
-    bare_ms, served_ms = [], []
+    bare_ms, served_ms, c1_statuses = [], [], {}
     for _ in range(args.rounds):
         bare_ms += bare_latency(runner, data, size, args.resize, args.runs)
-        served_ms += hey(server.url, image, "-n", str(args.runs), "-c", "1")["ok_ms"]
+        unloaded = load.requests(1, args.runs)
+        served_ms += unloaded["ok_ms"]
+        add_counts(c1_statuses, unloaded["statuses"])
     latency_ratio = percentile(served_ms, 50) / percentile(bare_ms, 50)
     unloaded_p99 = percentile(served_ms, 99)
-    print(f"[1] concurrency 1: server p50 {percentile(served_ms, 50):.2f} ms (p99 {unloaded_p99:.2f}), bare "
-          f"decode+invoke p50 {percentile(bare_ms, 50):.2f} ms ({threads} thread(s)): ratio {latency_ratio:.3f}")
+    print(f"[1] concurrency 1 ({args.load}): server p50 {percentile(served_ms, 50):.2f} ms (p99 {unloaded_p99:.2f}, "
+          f"{c1_statuses}), bare decode+invoke p50 {percentile(bare_ms, 50):.2f} ms ({threads} thread(s)): "
+          f"ratio {latency_ratio:.3f}")
 
     slice_s = args.seconds / args.rounds
     served_rates, bare_rates, c8_ms, c8_statuses = [], [], [], {}
     for _ in range(args.rounds):  # interleaved like [1], so that machine noise hits both alike
         bare_rates.append(bare_throughput(model, data, size, args.resize, best_copies, best_threads, slice_s))
-        loaded = hey(server.url, image, "-z", f"{slice_s:g}s", "-c", "8")
-        served_rates.append(len(loaded["ok_ms"]) / loaded["seconds"])
+        loaded = load.run_for(STREAMS, slice_s)
+        served_rates.append(loaded["statuses"].get("200", 0) / loaded["seconds"])
         c8_ms += loaded["ok_ms"]
-        for code, n in loaded["statuses"].items():
-            c8_statuses[code] = c8_statuses.get(code, 0) + n
+        add_counts(c8_statuses, loaded["statuses"])
     throughput, baseline = float(np.median(served_rates)), float(np.median(bare_rates))
     throughput_ratio = throughput / baseline
-    print(f"[2] concurrency 8: {throughput:.1f} req/s ({c8_statuses}), p50 {percentile(c8_ms, 50):.1f} ms; best bare "
-          f"({best}) {baseline:.1f} img/s; medians of {args.rounds} interleaved rounds: ratio {throughput_ratio:.3f}")
+    print(f"[2] concurrency 8 ({args.load}): {throughput:.1f} req/s ({c8_statuses}), p50 {percentile(c8_ms, 50):.1f} ms; "
+          f"best bare ({best}) {baseline:.1f} img/s; medians of {args.rounds} interleaved rounds: "
+          f"ratio {throughput_ratio:.3f}")
 
     # hey's rate-limited clients tick in step, so one hey process sends bursts; STREAMS processes started a
     # fraction of a tick apart spread the arrivals over the tick (an open-loop load at twice the throughput)
@@ -306,11 +390,12 @@ def main() -> int:
 
     # The latency setting: one request waiting per worker. A queue that admits all 8 clients of [2] makes an
     # admitted request wait for 8 / throughput at saturation (Little's law), whatever the server does.
-    latency_server = Server(model, copies, threads, copies, args.resize, log)
+    latency_queue = max(0, copies * (2 - args.max_batch))  # two slots per worker: one computing, one waiting
+    latency_server = Server(model, copies, threads, latency_queue, args.resize, log, batching)
     hey(latency_server.url, image, "-n", "50", "-c", "1")
     bounded, _ = saturate(latency_server, image, rate, per_stream, args.seconds)
     latency_server.stop()
-    overload_ratio, shed_ok = report_overload("3b", bounded, unloaded_p99, f"--max-queue {copies}")
+    overload_ratio, shed_ok = report_overload("3b", bounded, unloaded_p99, f"--max-queue {latency_queue}")
 
     results = {
         "latency_ratio": (latency_ratio, latency_ratio <= TARGETS["latency_ratio"]),
@@ -322,10 +407,11 @@ def main() -> int:
     print("\n" + "\n".join(f"{name:<20} {value:8.3f}  {verdict(ok)}" for name, (value, ok) in results.items()))
     if args.json_out:
         doc = {"model": str(model), "model_source": source, "image": str(image), "machine": facts,
-               "load_average_end": os.getloadavg(), "server": {"workers": copies, "threads": threads,
-                                                                "max_queue": max_queue},
+               "load_average_end": os.getloadavg(), "load_generator": {"1": args.load, "2": args.load, "3": "hey"},
+               "server": {"workers": copies, "threads": threads, "max_queue": max_queue, "max_batch": args.max_batch,
+                          "max_delay_ms": args.max_delay_ms},
                "bare_throughput": bare, "bare_best": best, "bare_p50_ms": percentile(bare_ms, 50),
-               "served_p50_ms": percentile(served_ms, 50), "served_p99_ms": unloaded_p99,
+               "served_p50_ms": percentile(served_ms, 50), "served_p99_ms": unloaded_p99, "c1_statuses": c1_statuses,
                "c8_throughput": throughput, "c8_bare_throughput": baseline, "c8_statuses": c8_statuses,
                "overload_statuses": overload["statuses"], "overload_p99_ms": percentile(overload["ok_ms"], 99),
                "bounded_statuses": bounded["statuses"], "bounded_p99_ms": percentile(bounded["ok_ms"], 99),

@@ -231,6 +231,15 @@ def test_int16x8_has_int16_activations_float_io_and_agrees_with_fp32(tiny_export
     assert np.mean(predict(path, images) == fp32) >= 0.95
 
 
+def test_a_re_exported_variant_keeps_its_place_in_the_manifest(tiny_export, tmp_path):
+    """Exporting fp32 again into a run that has fp32 and int8 replaces its entry in the recipe's order."""
+    run = fresh_copy(tiny_export.run_dir, tmp_path)
+    first = ex.export_run(run, tflite=["fp32", "int8"], onnx=[], echo=lambda _: None)
+    again = ex.export_run(run, tflite=["fp32"], onnx=[], echo=lambda _: None)
+    names = [[a["name"] for a in result.manifest["artifacts"]] for result in (first, again)]
+    assert names == [["tflite-fp32", "tflite-int8"]] * 2 and again.failed == []
+
+
 def test_the_table_is_what_recipe_check_formats_and_export_read(tiny_export, tmp_path, monkeypatch):
     assert len({v.key for v in variants.VARIANTS}) == len(variants.VARIANTS) and variants.FORMATS == ("tflite", "onnx")
     for row in variants.VARIANTS:

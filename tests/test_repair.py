@@ -84,11 +84,11 @@ def test_repair_stops_with_a_clear_message_when_no_step_meets_the_bound():
         built.append(kept)
         return b"x" * (100 + 10 * len(kept))
 
-    images, reference = np.zeros((4, 2, 2, 3)), np.array([0, 1, 2, 0])
+    images, reference = np.zeros((4, 2, 2, 3)), np.eye(3)[[0, 1, 2, 0]]
     never = lambda data, imgs: np.eye(3)[[1, 2, 0, 1]]  # noqa: E731 - disagrees on every image
     with pytest.raises(RepairError, match=r"max_float_layers \(2\).*0 float: 100.00 pp"):
-        repair(layers, build, never, lambda data: 1.0, images, reference, Int8Config(max_float_layers=2, step=1),
-               echo=lambda _: None)
+        repair(layers, build, never, lambda data: 1.0, images, reference,
+               Int8Config(max_float_layers=2, step=1, rank="report"), echo=lambda _: None)
     assert built == [(), ("layer0",), ("layer0", "layer1")]  # most sensitive (lowest SNR) first
 
 
@@ -99,8 +99,8 @@ def test_a_layer_over_the_latency_limit_is_undone_and_the_next_one_tried():
     from edgetl.recipe import Int8Config
 
     layers = [LayerError(i, f"layer{i}", "CONV_2D", float(i)) for i in range(3)]
-    reference = np.array([0, 1, 2, 0])
-    right, wrong = np.eye(3)[reference], np.eye(3)[[1, 2, 0, 1]]
+    reference = np.eye(3)[[0, 1, 2, 0]]
+    right, wrong = reference, np.eye(3)[[1, 2, 0, 1]]
 
     def predict(data, images):
         return right if b"layer1" in data else wrong
@@ -110,11 +110,40 @@ def test_a_layer_over_the_latency_limit_is_undone_and_the_next_one_tried():
 
     lines = []
     result = repair(layers, lambda raised: ",".join(raised).encode() or b"int8", predict, latency,
-                    np.zeros((4, 2, 2, 3)), reference, Int8Config(max_latency_ratio=1.3), echo=lines.append)
+                    np.zeros((4, 2, 2, 3)), reference, Int8Config(max_latency_ratio=1.3, rank="report"),
+                    echo=lines.append)
     assert [s.raised for s in result.steps] == [(), ("layer0",), ("layer1",)]
     assert result.steps[1].limit.startswith("export.int8.max_latency_ratio") and result.steps[2].limit is None
     assert result.data == b"layer1" and result.steps[-1].drop_pp == 0.0
     assert "(over export.int8.max_latency_ratio (1.3x full int8): undone)" in lines[1]
+
+
+def test_measured_ranking_raises_first_the_layer_that_fixes_most_flips_alone():
+    """The report ranks layer0 worst, but alone it fixes nothing; layer2 alone fixes both flips, layer1 one."""
+    from edgetl.export.quant_debug import LayerError
+    from edgetl.export.repair import repair
+    from edgetl.recipe import Int8Config
+
+    layers = [LayerError(i, f"layer{i}", "CONV_2D", float(i)) for i in range(3)]
+    reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]])
+    outputs = {b"int8": [[0.4, 0.6], [0.6, 0.4], [0.7, 0.3], [0.6, 0.4]],
+               b"layer0": [[0.45, 0.55], [0.55, 0.45], [0.7, 0.3], [0.6, 0.4]],
+               b"layer1": [[0.8, 0.2], [0.6, 0.4], [0.7, 0.3], [0.6, 0.4]],
+               b"layer2": [[0.85, 0.15], [0.3, 0.7], [0.7, 0.3], [0.6, 0.4]]}
+    built: list[tuple] = []
+
+    def build(raised):
+        built.append(raised)
+        return ",".join(raised).encode() or b"int8"
+
+    result = repair(layers, build, lambda data, images: np.array(outputs[data]), lambda data: 1.0,
+                    np.zeros((4, 2, 2, 3)), reference, Int8Config(), echo=lambda _: None)
+    assert [(a.layer, a.disagreements) for a in result.ranking] == [("layer2", 0), ("layer1", 1), ("layer0", 2)]
+    assert result.ranking[2].output_error == pytest.approx(0.5 * (0.9 + 0.7) / 4)
+    assert result.data == b"layer2" and [s.raised for s in result.steps] == [(), ("layer2",)]
+    assert built == [(), ("layer0",), ("layer1",), ("layer2",)]  # each built once: the step reuses the ranking's
+    record = result.record(Int8Config(), 4, "val (4)")
+    assert record["rank"] == "measured" and record["ranking"][0]["layer"] == "layer2"
 
 
 def test_repair_set_uses_validation_images_topped_up_with_calibration(tmp_path):

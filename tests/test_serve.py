@@ -318,6 +318,33 @@ def test_concurrent_requests_batch_and_stay_exact(main_server, models):
     assert metric(text, "edgetl_batch_size_sum", model="onnx") > metric(text, "edgetl_batch_size_count", model="onnx")
 
 
+def test_tflite_batches_run_on_an_interpreter_per_size_without_reallocating(models, monkeypatch):
+    """--max-batch 4 gives a TFLite worker interpreters for batch 4, 2 and 1, allocated at load: batches of any size
+    (7 = 4+2+1) never resize or re-allocate one, and every answer equals its own batch-1 prediction exactly."""
+    from edgetl.edge.serve.batcher import BatchOptions
+    from edgetl.edge.serve.metrics import ServeMetrics
+    from edgetl.edge.serve.models import ModelOptions, ModelSpec, ServedModel
+
+    for name in ("fp32", "int8"):
+        options = ModelOptions(threads=1, batch=BatchOptions(workers=1, max_batch=4))
+        served = ServedModel(ModelSpec(name, models[name]), options, ServeMetrics())
+        served.activate(served.load())
+        sizes = served.current.runners[0].by_size
+        assert sorted(sizes) == [1, 2, 4]
+        calls = []
+        for size, runner in sizes.items():
+            for method in ("resize_tensor_input", "allocate_tensors"):
+                monkeypatch.setattr(runner._interp, method, lambda *a, m=method, s=size: calls.append((s, m)))
+        pixels = np.random.default_rng(11).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+        bare = open_model(models[name], threads=1)
+        single = np.concatenate([bare.predict(pixels[i:i + 1]) for i in range(len(pixels))])
+        for count in (7, 1, 3, 2, 4, 5):
+            results = served.execute(0, [pixels[i:i + 1] for i in range(count)])
+            for i, (_, outputs) in enumerate(results):
+                np.testing.assert_array_equal(outputs["probs"][0], single[i])
+        assert calls == []
+
+
 def raw_chunked_status(port: int, path: str, total: int) -> int:
     """Stream `total` bytes chunked and never finish the body: only a server that checks while reading answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:

@@ -133,11 +133,15 @@ def export_run(run_dir, tflite: list[str] | None = None, onnx: list[str] | None 
             manifest = run_in_child(_export_group, (run.path, group, manifest), echo, f"exporting {group[0].key}")
         else:
             manifest = _export_group(run.path, group, manifest, echo)
-    order = {v.key: i for i, v in enumerate(variants)}  # groups ran out of request order: put it back
-    manifest["artifacts"] = sorted(manifest["artifacts"], key=lambda a: order.get(a["name"], -1))
+    # Groups ran out of order, and re-exported entries were appended: the recipe's order, then the table's.
+    order: dict[str, int] = {}
+    for variant in [*select({"tflite": recipe.export.tflite, "onnx": recipe.export.onnx}), *variants, *VARIANTS]:
+        order.setdefault(variant.key, len(order))
+    manifest["artifacts"] = sorted(manifest["artifacts"], key=lambda a: order.get(a["name"], len(order)))
     atomic_write_json(run.exports_dir / "manifest.json", manifest)
     echo_summary(manifest, echo)
-    failed = [a["name"] for a in manifest["artifacts"] if a["status"] == "failed" and a["name"] in order]
+    requested = {v.key for v in variants}
+    failed = [a["name"] for a in manifest["artifacts"] if a["status"] == "failed" and a["name"] in requested]
     return ExportResult(manifest, failed, run.exports_dir)
 
 

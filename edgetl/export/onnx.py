@@ -5,7 +5,9 @@ metadata_props (`labels`, and `heads` {head: class names} for a multi-task run).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def _finish(job: Conversion, proto, quantization: dict, converter_note: str = ""
     import tf2onnx
 
     _set_metadata(proto, job)
-    converter = f"tf2onnx {tf2onnx.__version__}, opset {job.inputs.recipe.export.opset}{converter_note}"
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), job.inputs.recipe.export.opset)
+    converter = f"tf2onnx {tf2onnx.__version__}, opset {opset}{converter_note}"
     return Built(proto.SerializeToString(), quantization, converter, job.source.layers_left_float)
 
 
@@ -133,7 +136,7 @@ def quantize_pre_processed(pre: Path, calibration: np.ndarray, method: str = "mi
     extra = {"CalibStridedMinMax": 1} if method == "minmax" else {}
     if int16_weights:
         extra["TensorQuantOverrides"] = _int16_weight_overrides(pre, int16_weights, per_channel)
-    with tempfile.TemporaryDirectory(prefix="edgetl-onnx-q-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgetl-onnx-q-") as tmp, _opset_warning_hidden():
         out = Path(tmp, "int8.onnx")
         quantize_static(str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
                         nodes_to_exclude=list(nodes_to_exclude), extra_options=extra, **options)
@@ -145,6 +148,24 @@ def quantize_pre_processed(pre: Path, calibration: np.ndarray, method: str = "mi
                   "calibrate_method": options["calibrate_method"].name,
                   "nodes_to_exclude": list(nodes_to_exclude), "int16_weights": list(int16_weights),
                   **({"target": target} if target else {})}
+
+
+class _OpsetWarning(logging.Filter):
+    """Drops onnxruntime's root-logger warning that a 16-bit build moves the model to opset 21 (expected: the
+    manifest records the opset)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "16-bit integer quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _opset_warning_hidden():
+    root, hide = logging.getLogger(), _OpsetWarning()
+    root.addFilter(hide)
+    try:
+        yield
+    finally:
+        root.removeFilter(hide)
 
 
 def _int16_weight_overrides(pre: Path, nodes: tuple[str, ...], per_channel: bool) -> dict:

@@ -1,11 +1,14 @@
 """Accuracy-aware int8 repair: raise the most sensitive layers' precision, a few at a time, until int8 agrees with Keras.
 
-The loop (`repair`) starts from full int8 and, ranked by the per-layer report (`edgetl.export.quant_debug`),
-raises `export.int8.step` more layers per step until the artifact's top-1 disagreement with the float Keras
-model on the repair images is at most `export.int8.max_drop_pp` (an accuracy drop can never exceed the
-disagreement, so meeting it bounds the drop on those images). A step over `max_size_ratio` or `max_latency_ratio`
-(against full int8) is undone and the next layers are tried; when `max_float_layers` are raised or the candidates
-run out, `RepairError` says what each step reached.
+The loop (`repair`) starts from full int8 and raises `export.int8.step` more layers per step until the
+artifact's top-1 disagreement with the float Keras model on the repair images is at most `export.int8.max_drop_pp`
+(an accuracy drop can never exceed the disagreement, so meeting it bounds the drop on those images). The
+candidates are the 2 x max_float_layers layers the per-layer report (`edgetl.export.quant_debug`) ranks worst;
+with `export.int8.rank: measured` (the default, as NNCF's accuracy control ranks) each is first raised alone and
+they are taken fewest flips first, then least output error: on a flowers5 model the report's worst ONNX node
+(Conv_1, the costliest) fixed no flip alone while the two that fixed them ranked second and fourth. A step over
+`max_size_ratio` or `max_latency_ratio` (against full int8) is undone and the next layers are tried; when
+`max_float_layers` are raised or the candidates run out, `RepairError` says what each step reached.
 Raising means: TFLite, the layer is left float (the converter's denylist; TFLite has no 16-bit weights);
 ONNX, the node's weights go to int16 (`export.int8.onnx_repair: int16_weights`, the default) or the node is left
 float (`float`). On flowers5 MobileNetV2 the int8 error that flips top-1 comes from the weights of the last blocks:
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -57,43 +60,66 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Alone:
+    """A candidate raised alone (the measured ranking): its top-1 disagreements with Keras on the repair images and
+    its output error there (mean total variation distance between the two models' probabilities)."""
+
+    layer: str
+    disagreements: int
+    output_error: float
+
+
+@dataclass(frozen=True)
 class Repaired:
-    """The chosen candidate's bytes and every step that led to it (the first is full int8)."""
+    """The chosen candidate's bytes, every step that led to it (the first is full int8) and the measured ranking
+    (empty when the report's order was used or full int8 already met the bound)."""
 
     data: bytes
     steps: list[Step]
     raised_to: str  # what a raised layer becomes: "float" | "int16 weights"
+    ranking: list[Alone] = field(default_factory=list)
 
     def record(self, settings: Int8Config, images: int, source: str) -> dict:
         """The manifest's quantization.repair entry."""
         return {"max_drop_pp": settings.max_drop_pp, "images": images, "images_from": source,
-                "raised_to": self.raised_to, "raised": list(self.steps[-1].raised),
-                "steps": [{**asdict(s), "raised": list(s.raised), "drop_pp": s.drop_pp} for s in self.steps]}
+                "raised_to": self.raised_to, "raised": list(self.steps[-1].raised), "rank": settings.rank,
+                "steps": [{**asdict(s), "raised": list(s.raised), "drop_pp": s.drop_pp} for s in self.steps],
+                "ranking": [asdict(alone) for alone in self.ranking]}
 
 
 def repair(layers: list[LayerError], build: Callable[[tuple[str, ...]], bytes],
            predict: Callable[[bytes, np.ndarray], np.ndarray], latency: Callable[[bytes], float],
            images: np.ndarray, reference: np.ndarray, settings: Int8Config, echo=print,
            raised_to: str = "float") -> Repaired:
-    """Grow the raised set most-sensitive-first until top-1 agreement with `reference` meets the bound.
+    """Grow the raised set until top-1 agreement with the float model's probabilities `reference` meets the bound.
 
-    `images` are the repair images (validation or training, never test) and `reference` the float model's
-    top-1 class for each; `build(raised)` makes an artifact with those layers raised to `raised_to`,
-    `predict(artifact, images)` scores it. Layers matching `settings.denylist` are raised from the first step.
-    A step whose artifact breaks the size or latency limit (against full int8) is undone and the next candidates
-    are tried instead, since a smaller or cheaper layer may do; the candidates are the 2 x max_float_layers most
-    sensitive layers. RepairError when they run out or max_float_layers layers are raised without meeting the bound.
+    `images` are the repair images (validation or training, never test); `build(raised)` makes an artifact with
+    those layers raised to `raised_to`, `predict(artifact, images)` scores it. Layers matching `settings.denylist`
+    are raised from the first step. The candidates are the 2 x max_float_layers layers the report ranks worst, in
+    that order or (settings.rank "measured") in the order they do raised alone. A step whose artifact breaks the
+    size or latency limit (against full int8) is undone and the next candidates are tried instead, since a smaller
+    or cheaper layer may do. RepairError when they run out or max_float_layers layers are raised without meeting
+    the bound.
     """
     forced = tuple(layer.name for layer in layers if any(re.search(p, layer.name) for p in settings.denylist))
     candidates = [layer.name for layer in ranked(layers) if layer.name not in forced][:2 * settings.max_float_layers]
+    wanted = reference.argmax(-1)
+    scored: dict[tuple[str, ...], tuple[bytes, np.ndarray]] = {}
+
+    def score(raised: tuple[str, ...]) -> tuple[bytes, np.ndarray]:
+        if raised not in scored:
+            data = build(raised)
+            scored[raised] = data, predict(data, images)
+        return scored[raised]
+
     steps: list[Step] = []
+    ranking: list[Alone] = []
     chosen: tuple[str, ...] = ()
     trial: tuple[str, ...] = ()
     position = 0
     while True:
-        data = build(forced + chosen + trial)
-        step = Step(forced + chosen + trial, float(np.mean(predict(data, images).argmax(-1) == reference)), len(data),
-                    latency(data))
+        data, outputs = score(forced + chosen + trial)
+        step = Step(forced + chosen + trial, float(np.mean(outputs.argmax(-1) == wanted)), len(data), latency(data))
         step = replace(step, limit=_limit(step, steps[0] if steps else step, settings))
         steps.append(step)
         echo(f"  repair: {len(step.raised):2d} {raised_to} -> disagreement {step.drop_pp:.2f} pp, "
@@ -101,8 +127,11 @@ def repair(layers: list[LayerError], build: Callable[[tuple[str, ...]], bytes],
                                                                              if step.limit else ""))
         if step.limit is None:
             if step.drop_pp <= settings.max_drop_pp:
-                return Repaired(data, steps, raised_to)
+                return Repaired(data, steps, raised_to, ranking)
             chosen += trial
+        if len(steps) == 1 and settings.rank == "measured" and candidates:
+            ranking = _rank_alone(candidates, forced, score, reference, echo)
+            candidates = [alone.layer for alone in ranking]
         room = settings.max_float_layers - len(forced) - len(chosen)
         if room <= 0:
             raise RepairError(_failure(steps, settings, f"export.int8.max_float_layers ({settings.max_float_layers})",
@@ -112,6 +141,19 @@ def repair(layers: list[LayerError], build: Callable[[tuple[str, ...]], bytes],
                                        raised_to))
         trial = tuple(candidates[position:position + min(settings.step, room)])
         position += len(trial)
+
+
+def _rank_alone(candidates: list[str], forced: tuple[str, ...], score, reference: np.ndarray, echo) -> list[Alone]:
+    """Each candidate raised alone (beside the denylisted layers), ordered fewest flips first, then least output
+    error, then the report's order."""
+    wanted = reference.argmax(-1)
+    echo(f"  repair: ranking the {len(candidates)} worst layers by raising each alone")
+    measured = []
+    for layer in candidates:
+        outputs = score(forced + (layer,))[1]
+        measured.append(Alone(layer, int(np.sum(outputs.argmax(-1) != wanted)),
+                              round(float(0.5 * np.abs(outputs - reference).sum(-1).mean()), 6)))
+    return sorted(measured, key=lambda alone: (alone.disagreements, alone.output_error))
 
 
 def _limit(step: Step, base: Step, settings: Int8Config) -> str | None:
@@ -154,9 +196,9 @@ def repair_set(splits: DatasetSplits, training: Callable[[int], np.ndarray], siz
 
 
 def _reference(job: Conversion, images: np.ndarray) -> np.ndarray:
-    """The float Keras model's top-1 class per repair image (the first output of a multi-task model)."""
+    """The float Keras model's probabilities per repair image (the first output of a multi-task model)."""
     outputs = job.source.model.predict(images, batch_size=32, verbose=0)
-    return np.asarray(outputs[0] if isinstance(outputs, list) else outputs).argmax(-1)
+    return np.asarray(outputs[0] if isinstance(outputs, list) else outputs, dtype=np.float32)
 
 
 def _score(suffix: str, threads: int, runs: int = 50, warmup: int = 10):
@@ -222,14 +264,13 @@ def build_onnx(job: Conversion) -> Built:
     with OnnxQuantizer(job.graph, job.calibration, **int8_options(job)) as quantizer:
         full, _ = quantizer.quantize()
         layers, summary, files = onnx_debugged(job, quantizer, full)
-        settings = {}
+        settings: dict[tuple[str, ...], dict] = {}
 
         def build(raised: tuple[str, ...]) -> bytes:
-            # the loop returns on its last build, so settings["last"] describes the chosen one
-            data, settings["last"] = (quantizer.quantize(int16_weights=raised) if lever == "int16_weights"
+            data, settings[raised] = (quantizer.quantize(int16_weights=raised) if lever == "int16_weights"
                                       else quantizer.quantize(exclude=raised))
             return data
 
         result, record = _run_repair(job, layers, build, ".onnx", lever.replace("_", " "))
-    built = finish_int8(job, result.data, settings["last"], layer_report=summary, repair=record)
+    built = finish_int8(job, result.data, settings[result.steps[-1].raised], layer_report=summary, repair=record)
     return replace(built, layers_left_float=record["raised"] if lever == "float" else [], files=files)

@@ -54,8 +54,9 @@ def build_parser(prog: str = "edgetl serve") -> argparse.ArgumentParser:
                         help="worker threads per model, each with its own interpreter (default 1)")
     parser.add_argument("--threads", type=_count(1),
                         help="CPU threads per interpreter (default: CPU count / workers)")
-    parser.add_argument("--max-batch", type=_count(1), default=1,
-                        help="largest dynamic batch, for artifacts with a batch dimension (default 1: off)")
+    parser.add_argument("--max-batch", type=_count(1), default=2,
+                        help="largest dynamic batch, for artifacts with a batch dimension (default 2; 1: off); a TFLite "
+                             "worker keeps an interpreter per power-of-two batch size up to it")
     parser.add_argument("--max-delay-ms", type=_amount(False), default=2.0,
                         help="how long a worker waits to fill a batch (default 2)")
     parser.add_argument("--max-queue", type=_count(0), default=16,

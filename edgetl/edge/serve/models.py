@@ -1,4 +1,5 @@
-"""The served models: targets to names, one interpreter per worker, warm-up, and hot reload on file replacement.
+"""The served models: targets to names, interpreters per worker (one per batch size when batching), warm-up, and
+hot reload on file replacement.
 
 A `LoadedModel` is one load of one file and never changes; `ServedModel.current` points at the newest one and is
 swapped in a single assignment after the replacement has loaded and warmed up, so a batch in progress finishes on
@@ -6,6 +7,7 @@ the model it started with. A replacement that fails to load leaves the previous 
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -32,6 +34,8 @@ log = logging.getLogger("edgetl.serve")
 INPUT_NAME = "image"
 VERSION = "1"
 PLATFORMS = {"tflite": "tensorflow_lite", "onnx": "onnxruntime_onnx"}
+# Runtimes that run any batch size on one session without re-allocating; the others get one runner per batch size.
+SHAPE_FREE_RUNTIMES = ("onnxruntime",)
 MAX_IMAGE_PIXELS = 25_000_000  # a 24 MP photo decodes; a tiny PNG claiming 40000x40000 does not
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -126,19 +130,24 @@ class FileStamp:
 class LoadedModel:
     """One load of one model file: a warmed-up runner per worker and what the protocol says about the model."""
 
-    def __init__(self, spec: ModelSpec, threads: Optional[int], workers: int, probe_batches: bool, generation: int,
+    def __init__(self, spec: ModelSpec, threads: Optional[int], workers: int, max_batch: int, generation: int,
                  runtime: str = "auto"):
         self.spec, self.generation = spec, generation
         self.stamp = FileStamp.of(spec.path)  # before loading: a replacement during the load is seen next poll
         start = time.perf_counter()
-        self.runners = tuple(open_model(spec.path, threads=threads, runtime=runtime) for _ in range(workers))
-        first = self.runners[0]
+        open_runner = functools.partial(open_model, spec.path, threads=threads, runtime=runtime)
+        first = open_runner()
         self.kind, self.input_shape = first.kind, tuple(first.input_shape)
         self.datatype = "FP32" if first.input_dtype == "float32" else "UINT8"
         self.output_names = list(first.output_names)
+        self.batchable = max_batch > 1 and _accepts_batches(first)
+        sizes = batch_sizes(max_batch) if self.batchable and first.runtime_name not in SHAPE_FREE_RUNTIMES else (1,)
+        if len(sizes) == 1:
+            self.runners = (first, *(open_runner() for _ in range(workers - 1)))
+        else:  # `first` was resized by the probe: every worker gets fresh runners, one per size
+            self.runners = tuple(SizedRunners(open_runner, sizes, self.input_shape) for _ in range(workers))
         warm = [runner.predict_all(np.zeros((1,) + self.input_shape, dtype=np.uint8)) for runner in self.runners]
         self.output_shapes = {name: tuple(value.shape[1:]) for name, value in warm[0].items()}
-        self.batchable = probe_batches and _accepts_batches(first)
         self.labels = _output_labels(spec.path, self.output_names)
         self.load_s = time.perf_counter() - start
         height, width = self.input_shape[:2]
@@ -148,7 +157,8 @@ class LoadedModel:
         shape = "x".join(map(str, self.input_shape))
         return (f"{self.spec.name}: {self.spec.path} ({self.kind}, {self.datatype} {shape}, "
                 f"{'dynamic batching' if self.batchable else 'no batching'}, resize {self.spec.resize}, "
-                f"{len(self.runners)} interpreter(s), loaded and warmed up in {self.load_s * 1000:.0f} ms)")
+                f"{len(self.runners)} worker(s) x {_sizes_text(self.runners[0])}, "
+                f"loaded and warmed up in {self.load_s * 1000:.0f} ms)")
 
     def metadata(self) -> dict:
         """The protocol's model metadata; the batch dimension is -1 (any batch is accepted)."""
@@ -219,6 +229,44 @@ class LoadedModel:
             raise RequestError(f"image: {exc.reason}") from None
 
 
+def batch_sizes(max_batch: int) -> Tuple[int, ...]:
+    """The batch sizes a worker keeps an interpreter for: the powers of two up to `max_batch`, largest first."""
+    return tuple(2 ** i for i in reversed(range(max_batch.bit_length())))
+
+
+class SizedRunners:
+    """One worker's runners of one model, one per batch size (`batch_sizes`), each allocated and warmed up at its size.
+
+    A LiteRT interpreter re-allocates its tensors (OpenVINO recompiles) whenever the batch size changes, which costs
+    more than batching saves; here every runner keeps its shape, and a batch is run in chunks of those sizes (7 = 4+2+1).
+    """
+
+    def __init__(self, open_runner: Callable[[], Any], sizes: Sequence[int], input_shape: Tuple[int, ...]):
+        self.sizes = tuple(sorted(sizes, reverse=True))
+        self.by_size = {size: open_runner() for size in self.sizes}
+        for size, runner in self.by_size.items():
+            runner.predict_all(np.zeros((size,) + input_shape, dtype=np.uint8))
+
+    def predict_all(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """Every output of `images` (N, H, W, C), computed in chunks of the runners' sizes, largest first."""
+        parts: List[Dict[str, np.ndarray]] = []
+        start = 0
+        while start < len(images):
+            size = next(size for size in self.sizes if size <= len(images) - start)
+            parts.append(self.by_size[size].predict_all(images[start:start + size]))
+            start += size
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _sizes_text(runner) -> str:
+    """How one worker's runners are described in the log: "1 interpreter" or "interpreters for batch 4, 2, 1"."""
+    if isinstance(runner, SizedRunners):
+        return f"interpreters for batch {', '.join(map(str, runner.sizes))}"
+    return "1 interpreter"
+
+
 def _accepts_batches(runner) -> bool:
     """Whether the artifact runs a batch of 2 in one call: a fixed-batch TFLite file raises ValueError, and
     onnxruntime raises its own error types for a fixed batch dimension."""
@@ -253,7 +301,7 @@ class ServedModel:
         """Load (or reload) the file: every worker's interpreter, warmed up. Raises ModelError for a bad file."""
         generation = self.current.generation + 1 if self.current else 1
         batch = self.options.batch
-        return LoadedModel(self.spec, self.options.threads, batch.workers, batch.max_batch > 1, generation,
+        return LoadedModel(self.spec, self.options.threads, batch.workers, batch.max_batch, generation,
                            self.options.runtime)
 
     def activate(self, model: LoadedModel) -> None:
