@@ -12,8 +12,8 @@ Targets, as ratios measured in one run on this machine:
   3. at 2x saturation (rate-limited hey clients in 8 staggered hey processes offering twice the throughput
      of 2.): 503s shed the excess and nothing else fails, the server's RSS stays flat (grows by at most 2 %
      from the end of the phase's first quarter to its end), and p99 of the accepted requests <= 3x the
-     unloaded p99 of 1. The p99 target is judged with two slots per worker (--max-queue WORKERS without
-     batching, 0 with --max-batch 2: the setting for a latency bound, phase 3b); phase 3 shows the same load on
+     unloaded p99 of 1. The p99 target is judged with one slot per worker (--max-queue 0 --max-batch 1: the
+     setting for a latency bound, phase 3b); phase 3 shows the same load on
      the server of 2., whose queue admits all 8 clients and so makes an admitted request wait about
      8 / throughput.
   4. server RSS with the model loaded <= 150 MB (its peak, VmHWM, over the whole run).
@@ -388,14 +388,14 @@ def main() -> int:
     exit_code = server.stop()
     print(f"[4] server peak RSS (VmHWM) {rss_peak:.1f} MB; exit status after SIGTERM {exit_code}")
 
-    # The latency setting: one request waiting per worker. A queue that admits all 8 clients of [2] makes an
-    # admitted request wait for 8 / throughput at saturation (Little's law), whatever the server does.
-    latency_queue = max(0, copies * (2 - args.max_batch))  # two slots per worker: one computing, one waiting
-    latency_server = Server(model, copies, threads, latency_queue, args.resize, log, batching)
+    # The latency setting: one slot per worker (no queue, no batching), so an admitted request never waits behind
+    # another. A queue that admits all 8 clients of [2] makes an admitted request wait for 8 / throughput at
+    # saturation (Little's law), whatever the server does.
+    latency_server = Server(model, copies, threads, 0, args.resize, log, ("--max-batch", "1"))
     hey(latency_server.url, image, "-n", "50", "-c", "1")
     bounded, _ = saturate(latency_server, image, rate, per_stream, args.seconds)
     latency_server.stop()
-    overload_ratio, shed_ok = report_overload("3b", bounded, unloaded_p99, f"--max-queue {latency_queue}")
+    overload_ratio, shed_ok = report_overload("3b", bounded, unloaded_p99, "--max-queue 0 --max-batch 1")
 
     results = {
         "latency_ratio": (latency_ratio, latency_ratio <= TARGETS["latency_ratio"]),
