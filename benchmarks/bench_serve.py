@@ -302,7 +302,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
     parser.add_argument("--load", choices=("wrk", "hey"), default="wrk", help="load generator of phases 1 and 2")
     parser.add_argument("--max-batch", type=int, default=2, help="the server's --max-batch (default 2, as served)")
-    parser.add_argument("--max-delay-ms", type=float, default=2.0, help="the server's --max-delay-ms")
+    parser.add_argument("--max-delay-ms", type=float, default=0.0, help="the server's --max-delay-ms (default 0, as served)")
     parser.add_argument("--json", dest="json_out", type=Path, help="also write the results here")
     args = parser.parse_args()
     for tool in {"hey", args.load}:

@@ -57,8 +57,9 @@ def build_parser(prog: str = "edgetl serve") -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=_count(1), default=2,
                         help="largest dynamic batch, for artifacts with a batch dimension (default 2; 1: off); a TFLite "
                              "worker keeps an interpreter per power-of-two batch size up to it")
-    parser.add_argument("--max-delay-ms", type=_amount(False), default=2.0,
-                        help="how long a worker waits to fill a batch (default 2)")
+    parser.add_argument("--max-delay-ms", type=_amount(False), default=0.0,
+                        help="how long a worker waits for admitted requests still on their way to fill a batch "
+                             "(default 0: it batches what is queued, as Triton's dynamic batcher does by default)")
     parser.add_argument("--max-queue", type=_count(0), default=16,
                         help="requests a model admits beyond those its workers compute; more get 503 (default 16)")
     parser.add_argument("--max-body-mb", type=_amount(True), default=8.0, help="largest request body (default 8)")
