@@ -199,7 +199,8 @@ class Int8Config:
     step: int = opt(1, "Repair: layers raised per step, most sensitive first.", min=1)
     rank: Literal["measured", "report"] = opt(
         "measured", "Repair order of the 2 x max_float_layers layers the per-layer report ranks worst: measured "
-                    "(each raised alone first, then fewest flips, least output error first) or report (its order).")
+                    "(each is first raised alone on the repair images; fewest flips, then least output error, go "
+                    "first) or report (the report's order).")
     max_size_ratio: float = opt(1.5, "Repair limit: largest artifact size relative to the full-int8 one.", min=1.0)
     max_latency_ratio: Optional[float] = opt(None, "Repair limit: largest p50 latency relative to full int8 "
                                                    "(null: recorded, not limited).", min=1.0)
