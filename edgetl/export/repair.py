@@ -6,7 +6,7 @@ artifact's top-1 disagreement with the float Keras model on the repair images is
 candidates are the 2 x max_float_layers layers the per-layer report (`edgetl.export.quant_debug`) ranks worst;
 with `export.int8.rank: measured` (the default, as NNCF's accuracy control ranks) each is first raised alone and
 they are taken fewest flips first, then least output error: on a flowers5 model the report's worst ONNX node
-(Conv_1, the costliest) fixed no flip alone while the two that fixed them ranked second and fourth. A step over
+(Conv_1, the costliest) fixed none of the 3 flips alone, while block_13_project, fourth in the report, fixed all 3. A step over
 `max_size_ratio` or `max_latency_ratio` (against full int8) is undone and the next layers are tried; when
 `max_float_layers` are raised or the candidates run out, `RepairError` says what each step reached.
 Raising means: TFLite, the layer is left float (the converter's denylist; TFLite has no 16-bit weights);
@@ -20,6 +20,7 @@ variants table; every step (raised layers, agreement, size, latency) is recorded
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import tempfile
@@ -209,26 +210,26 @@ def _score(suffix: str, threads: int, runs: int = 50, warmup: int = 10):
     read 2.18 ms against validate's 1.73-1.98 on flowers5, so three raised ONNX nodes passed a 1.3x limit at 1.22x
     that validate measured at 1.39x.
     """
-    from edgetl.edge.process import error_line, run_module
+    from edgetl.edge.bench import BenchOptions
     from edgetl.edge.runtime import open_model
-    from edgetl.io import read_json
+    from edgetl.edge.sweep import bench_in_subprocess
 
-    def predict(data: bytes, images: np.ndarray) -> np.ndarray:
+    options = BenchOptions(threads=(threads,), runs=runs, warmup=warmup, xnnpack="on")
+
+    @contextlib.contextmanager
+    def written(data: bytes):
         with tempfile.TemporaryDirectory(prefix="edgetl-repair-") as tmp:
             path = Path(tmp, "candidate" + suffix)
             path.write_bytes(data)
+            yield path
+
+    def predict(data: bytes, images: np.ndarray) -> np.ndarray:
+        with written(data) as path:
             return open_model(path, threads=threads).predict(np.clip(images, 0, 255).astype(np.uint8))
 
     def latency(data: bytes) -> float:
-        with tempfile.TemporaryDirectory(prefix="edgetl-repair-") as tmp:
-            path, out = Path(tmp, "candidate" + suffix), Path(tmp, "bench.json")
-            path.write_bytes(data)
-            proc = run_module("edgetl.edge.bench", [str(path), "--threads", str(threads), "--runs", str(runs),
-                                                    "--warmup", str(warmup), "--xnnpack", "on", "--json", str(out)],
-                              timeout_s=600)
-            if proc.returncode != 0:
-                raise RuntimeError(f"timing a repair candidate failed: {error_line(proc, 'edgetl-bench')}")
-            return float(read_json(out)["latency"][0]["p50_ms"])
+        with written(data) as path:
+            return float(bench_in_subprocess(path, options, timeout_s=600)["latency"][0]["p50_ms"])
 
     return predict, latency
 
