@@ -213,6 +213,9 @@ class Int8Config:
     calibration: Literal["minmax", "entropy", "percentile"] = opt(
         "minmax", "ONNX int8 calibration method (onnxruntime CalibrationMethod).")
     per_channel: bool = opt(True, "Per-channel weight scales (int8 and int8_repaired variants, both formats).")
+    bias_correction: bool = opt(True, "int8 and int8_repaired variants: each int8 layer's bias takes back the mean "
+                                      "output error its rounded weights add on the calibration images (no size or "
+                                      "latency cost; edgetl.export.bias_correction).")
     onnx_repair: Literal["int16_weights", "float"] = opt(
         "int16_weights", "How the ONNX int8_repaired variant raises a sensitive node: its weights to int16 (half the "
                          "size of float) or the whole node to float (nodes_to_exclude).")

@@ -48,6 +48,7 @@ class Variant:
     prepare: str | None = None  # the fine-tune of the flat graph whose result it converts ("qat", "pruning",
     #                             the manifest's preparation keys); None converts the trained model
     multi_head: bool = True  # False: not_supported for multi-task runs (its fine-tune trains one output)
+    bias_correction: bool = False  # its builder corrects the biases of its int8 layers (export.int8.bias_correction)
 
     @property
     def key(self) -> str:
@@ -83,7 +84,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("dynamic", **_TFLITE, scheme="dynamic range (int8 weights, float activations)",
             build="tflite:build_dynamic"),
     Variant("int8", **_TFLITE, scheme="post-training full integer", build="quant_debug:build_tflite",
-            calibrate=True),
+            calibrate=True, bias_correction=True),
     Variant("qat_int8", **_TFLITE, scheme="quantization-aware training, full integer",
             build="tflite:build_full_integer", calibrate=True, prepare="qat", multi_head=False),
     Variant("pruned_int8", **_TFLITE, scheme="magnitude pruning, then post-training full integer",
@@ -91,11 +92,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("int16x8", **_TFLITE, scheme="post-training 16x8 (int16 activations, int8 weights, float I/O)",
             build="tflite:build_int16x8", calibrate=True),
     Variant("int8_repaired", **_TFLITE, scheme="post-training full integer, most sensitive layers left float until "
-            "export.int8.max_drop_pp holds", build="repair:build_tflite", calibrate=True),
+            "export.int8.max_drop_pp holds", build="repair:build_tflite", calibrate=True, bias_correction=True),
     Variant("fp32", **_ONNX, scheme="none", build="onnx:build_fp32"),
-    Variant("int8", **_ONNX, scheme="static QDQ", build="quant_debug:build_onnx", calibrate=True),
+    Variant("int8", **_ONNX, scheme="static QDQ", build="quant_debug:build_onnx", calibrate=True,
+            bias_correction=True),
     Variant("int8_repaired", **_ONNX, scheme="static QDQ, most sensitive nodes' weights in int16 (or the nodes float: "
-            "export.int8.onnx_repair) until export.int8.max_drop_pp holds", build="repair:build_onnx", calibrate=True),
+            "export.int8.onnx_repair) until export.int8.max_drop_pp holds", build="repair:build_onnx", calibrate=True,
+            bias_correction=True),
     Variant("qat_int8", **_ONNX, scheme="quantization-aware training, QDQ from fake-quant ops",
             build="onnx:build_from_fake_quant", prepare="qat", multi_head=False),
 )

@@ -85,7 +85,8 @@ def test_every_variant_is_written_with_a_complete_manifest(tiny_export):
     assert list(found) == [f"tflite-{v}" for v in ALL_TFLITE] + [f"onnx-{v}" for v in ALL_ONNX]
     assert json.loads((out / "manifest.json").read_text()) == result.manifest
     assert (out / "labels.txt").read_text().split() == list(sorted(CLASSES))
-    assert set(result.manifest["preparation"]) == {"flatten", "qat", "pruning"}
+    assert set(result.manifest["preparation"]) == {"flatten", "qat", "pruning", "bias_correction_tflite",
+                                                   "bias_correction_onnx"}
     versions = result.manifest["versions"]
     assert all(versions[d] for d in ("python", "edgetl", "tensorflow", "tf2onnx", "onnxruntime", "ai-edge-litert"))
     for name, entry in found.items():

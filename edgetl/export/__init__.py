@@ -17,7 +17,9 @@ survives without a second, prune-preserving QAT fine-tune). ONNX (tf2onnx, opset
 `image`, dynamic batch): fp32; int8 (onnxruntime static QDQ quantization after quant_pre_process,
 per-channel 8-bit weights, 8-bit activations, MinMax-calibrated on the same images; integer types and
 reduce_range from `export.target`, see `edgetl.export.targets`); qat_int8 (the QAT model through tf2onnx; recorded as
-not_supported: tf2onnx folds the per-channel weight fake-quant into float weights).
+not_supported: tf2onnx folds the per-channel weight fake-quant into float weights). The int8 and int8_repaired rows
+of both formats correct the int32 bias of each int8 layer for the mean error of its rounded weights
+(`export.int8.bias_correction`, `edgetl.export.bias_correction`).
 
 The variants run in groups that share a prepared model (`groups`), each group in its own process when there
 are several (`edgetl.isolate`): the memory of a fine-tune or of onnxruntime's calibration is returned before the
@@ -47,7 +49,8 @@ manifest.json schema (keys are stable):
   versions            {distribution: version} of python, edgetl and every converter and runtime involved
   labels              "labels.txt" (one class name per line, index order; a multi-task run's primary head)
   head_labels         multi-task runs only: {head: "labels_<head>.txt"}, in output order
-  preparation         shared steps: {"flatten": {...}, "qat": {...}, "pruning": {...}} when they ran
+  preparation         shared steps: {"flatten": {...}, "qat": {...}, "pruning": {...}, "bias_correction_tflite":
+                      {...}, "bias_correction_onnx": {...}} when they ran
   artifacts           one entry per exported variant:
     name              "<format>-<variant>", e.g. "tflite-int8"
     format, variant   "tflite" | "onnx"; the variant name
@@ -62,7 +65,8 @@ manifest.json schema (keys are stable):
     quantization      {"scheme", ...}: calibration samples, io type, per-channel, fine-tune settings;
                       "input_affine" {"scale", "offset", "mean", "std"} when the input quantization carries the
                       preprocessing pixel * scale + offset = (pixel - mean) / std (TFLite full integer); ONNX int8:
-                      integer types, reduce_range and the export target they came from; repaired: "repair"
+                      integer types, reduce_range and the export target they came from; repaired: "repair";
+                      "bias_correction" {"layers" corrected, "of" measured, "images"} where it ran
     converter         the converter that produced it, with its version
     layers_left_float layers that quantization-aware training left in float (qat variants), else []
     sparsity          pruned variants: {"target", "overall", "all_weights", "layers": {name: fraction}}
@@ -217,7 +221,8 @@ def _conversion(variant: Variant, inputs: ExportInputs, cache: Cache, workdir: P
     model_name = variant.prepare or "trained"
     graph = cache.get((variant.graph, model_name),
                       lambda: variant.grapher()(source.model, inputs, workdir / f"{variant.format}-{model_name}"))
-    return Conversion(variant, source, graph, inputs, inputs.calibration if variant.calibrate else None)
+    return Conversion(variant, source, graph, inputs, inputs.calibration if variant.calibrate else None,
+                      _bias_shifts(variant, inputs, cache))
 
 
 def _prepared(name: str | None, inputs: ExportInputs, cache: Cache, echo) -> Prepared:
@@ -232,6 +237,19 @@ def _prepared(name: str | None, inputs: ExportInputs, cache: Cache, echo) -> Pre
         "pruning": lambda: prepare_pruning(flat, inputs.finetune_data, inputs.recipe.export.pruning, echo),
     }
     return cache.prepare(name, finetunes[name])
+
+
+def _bias_shifts(variant: Variant, inputs: ExportInputs, cache: Cache) -> dict | None:
+    """The per-layer bias corrections of the row's format (edgetl.export.bias_correction), for the rows that take
+    them while export.int8.bias_correction is on; else None."""
+    from edgetl.export.bias_correction import mean_shifts, weight_levels
+
+    int8 = inputs.recipe.export.int8
+    if not (variant.bias_correction and int8.bias_correction):
+        return None
+    levels = weight_levels(variant.format, inputs.recipe.export.target)
+    return cache.prepare(f"bias_correction_{variant.format}",
+                         lambda: mean_shifts(inputs.model, inputs.calibration, levels, int8.per_channel))
 
 
 def _check_output_names(outputs: list[dict], heads: list[str]) -> None:

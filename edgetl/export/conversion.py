@@ -21,6 +21,7 @@ class Conversion:
     graph: Any  # the converter's input made from source.model by the row's `graph` function
     inputs: ExportInputs
     calibration: np.ndarray | None = None  # float32 (N,S,S,3) training images when the row calibrates
+    bias_shifts: dict | None = None  # {Keras layer: its int8 bias correction} (edgetl.export.bias_correction)
 
 
 @dataclass

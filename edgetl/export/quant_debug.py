@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.errors import EdgetlError
+from edgetl.export.bias_correction import corrected
 from edgetl.export.conversion import Built, Conversion
 from edgetl.io import atomic_write_bytes, read_json
 
@@ -198,8 +199,9 @@ def build_tflite(job: Conversion) -> Built:
     from edgetl.export.tflite import finish
 
     quantizer, _, quantization, files = tflite_debugged(job)
-    data, notes = finish(job, quantizer.quantize())
-    return Built(data, quantization, tflite_converter_note(), warnings=notes, files=files)
+    data, correction = corrected(quantizer.quantize(), job)
+    data, notes = finish(job, data)
+    return Built(data, {**quantization, **correction}, tflite_converter_note(), warnings=notes, files=files)
 
 
 def build_onnx(job: Conversion) -> Built:
@@ -209,7 +211,8 @@ def build_onnx(job: Conversion) -> Built:
     with OnnxQuantizer(job.graph, job.calibration, **int8_options(job)) as quantizer:
         data, settings = quantizer.quantize()
         _, summary, files = onnx_debugged(job, quantizer, data)
-    return replace(finish_int8(job, data, settings, layer_report=summary), files=files)
+    data, correction = corrected(data, job)
+    return replace(finish_int8(job, data, settings, layer_report=summary, **correction), files=files)
 
 
 def onnx_debugged(job: Conversion, quantizer: OnnxQuantizer, qdq: bytes) -> tuple[list[LayerError], dict, dict]:

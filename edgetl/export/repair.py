@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from edgetl.errors import EdgetlError
+from edgetl.export.bias_correction import corrected
 from edgetl.export.conversion import Built, Conversion
 from edgetl.export.quant_debug import LayerError, OnnxQuantizer, onnx_debugged, ranked, tflite_converter_note, tflite_debugged
 
@@ -250,10 +251,16 @@ def build_tflite(job: Conversion) -> Built:
     from edgetl.export.tflite import finish
 
     quantizer, layers, quantization, files = tflite_debugged(job)
-    result, record = _run_repair(job, layers, quantizer.quantize, ".tflite", "float")
+    corrections: dict[tuple[str, ...], dict] = {}
+
+    def build(raised: tuple[str, ...]) -> bytes:
+        data, corrections[raised] = corrected(quantizer.quantize(raised), job)
+        return data
+
+    result, record = _run_repair(job, layers, build, ".tflite", "float")
     data, notes = finish(job, result.data)
-    return Built(data, {**quantization, "repair": record}, tflite_converter_note(), record["raised"],
-                 warnings=notes, files=files)
+    return Built(data, {**quantization, **corrections[result.steps[-1].raised], "repair": record},
+                 tflite_converter_note(), record["raised"], warnings=notes, files=files)
 
 
 def build_onnx(job: Conversion) -> Built:
@@ -266,12 +273,15 @@ def build_onnx(job: Conversion) -> Built:
         full, _ = quantizer.quantize()
         layers, summary, files = onnx_debugged(job, quantizer, full)
         settings: dict[tuple[str, ...], dict] = {}
+        corrections: dict[tuple[str, ...], dict] = {}
 
         def build(raised: tuple[str, ...]) -> bytes:
             data, settings[raised] = (quantizer.quantize(int16_weights=raised) if lever == "int16_weights"
                                       else quantizer.quantize(exclude=raised))
+            data, corrections[raised] = corrected(data, job)
             return data
 
         result, record = _run_repair(job, layers, build, ".onnx", lever.replace("_", " "))
-    built = finish_int8(job, result.data, settings[result.steps[-1].raised], layer_report=summary, repair=record)
+    chosen = result.steps[-1].raised
+    built = finish_int8(job, result.data, settings[chosen], layer_report=summary, **corrections[chosen], repair=record)
     return replace(built, layers_left_float=record["raised"] if lever == "float" else [], files=files)
