@@ -105,6 +105,16 @@ class Server:
         self.log.close()
 
 
+def wait_for(condition, what: str, timeout_s: float = 20.0) -> None:
+    """Poll `condition` every 0.1 s until it holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def metric(text: str, name: str, **labels) -> float:
     """The value of one sample in Prometheus text, 0.0 when absent."""
     for line in text.splitlines():
@@ -299,6 +309,22 @@ def test_server_modules_import_without_tensorflow():
     assert result.stdout.strip() == "[]"
 
 
+def server_policies(server: Server) -> set:
+    """The Linux scheduling policies of every thread of a server process."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{server.proc.pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
+def test_server_threads_run_under_sched_batch_and_ignore_forwarded_headers(main_server):
+    assert len(os.listdir(f"/proc/{main_server.proc.pid}/task")) >= 3  # event loop and two workers, at least
+    assert server_policies(main_server) == {os.SCHED_BATCH}
+    # without --proxy-headers a forged X-Forwarded-For is not believed: the access log names the socket's peer
+    assert main_server.request("GET", "/v2/health/live?forged", headers={"X-Forwarded-For": "10.9.8.7"})[0] == 200
+    wait_for(lambda: re.search(r'127\.0\.0\.1 "GET /v2/health/live\?forged" 200', main_server.log_path.read_text()),
+             "the access-log line of the forged request")
+    assert "10.9.8.7" not in main_server.log_path.read_text()
+
+
 def test_concurrent_requests_batch_and_stay_exact(main_server, models):
     """Eight clients at once on a model with dynamic batching: every answer equals its own batch-1 prediction."""
     rng = np.random.default_rng(5)
@@ -403,7 +429,8 @@ def test_every_error_code_from_real_bad_requests(main_server, client, images):
     assert metric(text, "edgetl_requests_total", model="uint8", endpoint="infer", code="400") >= 6
     assert metric(text, "edgetl_requests_total", model="", endpoint="infer", code="404") == 1
     assert "code=\"500\"" not in text
-    assert re.search(r'"POST /v2/models/uint8/classify" 413 \d+ [\d.]+ms', main_server.log_path.read_text())
+    wait_for(lambda: re.search(r'"POST /v2/models/uint8/classify" 413 \d+ [\d.]+ms', main_server.log_path.read_text()),
+             "the 413's access-log line (written in blocks, at most 0.5 s late)")
 
 
 def test_a_lone_request_is_not_held_back_to_fill_a_batch():
@@ -475,14 +502,6 @@ def test_hot_reload_serves_the_new_file_and_survives_a_broken_one(main_server, m
         assert status == 200, body
         return np.asarray(json.loads(body)["outputs"][0]["data"], dtype=np.float32)
 
-    def wait_for(condition, what):
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
-
     old, new = expected(models["fp32"], pixels)[0], expected(models["other"], pixels)[0]
     assert not np.array_equal(old, new)
     np.testing.assert_array_equal(served(), old)
@@ -552,10 +571,13 @@ def test_overload_sheds_with_503_and_no_500(models, images, tmp_path):
 
 def test_sigterm_during_a_burst_answers_every_admitted_request(models, images, tmp_path):
     argv = [sys.executable, "-m", "edgetl.cli", "serve", str(models["uint8"]), "--workers", "1", "--threads", "1",
-            "--max-queue", "32"]
+            "--max-queue", "32", "--cpu-policy", "normal", "--proxy-headers"]
     server = Server(argv, tmp_path / "server.log")
     count = 10
     try:
+        if hasattr(os, "SCHED_OTHER"):
+            assert server_policies(server) == {os.SCHED_OTHER}
+        assert server.request("GET", "/v2/health/live", headers={"X-Forwarded-For": "10.9.8.7"})[0] == 200
         pool, futures = burst(server, images["big"].read_bytes(), count)
         deadline = time.monotonic() + 30
         while True:  # every request admitted (in progress or already answered) before the signal
@@ -570,7 +592,11 @@ def test_sigterm_during_a_burst_answers_every_admitted_request(models, images, t
         pool.shutdown()
         assert [status for status, _, _ in results] == [200] * count
         assert server.proc.wait(timeout=30) == 0
-        assert "draining" in server.log_path.read_text()
+        log = server.log_path.read_text()
+        assert "draining" in log
+        # the access log, written in blocks, is flushed at exit: one line per answered request
+        assert len(re.findall(r'"POST /v2/models/uint8/classify" 200 \d+ [\d.]+ms', log)) == count
+        assert re.search(r'10\.9\.8\.7 "GET /v2/health/live" 200', log)  # --proxy-headers: the forwarded client
     finally:
         server.stop()
 

@@ -72,6 +72,13 @@ def build_parser(prog: str = "edgetl serve") -> argparse.ArgumentParser:
                              "onnxruntime or openvino")
     parser.add_argument("--resize", choices=RESIZE_MODES,
                         help="how encoded images are resized (default: the run's recipe via `edgetl serve`, else plain)")
+    parser.add_argument("--cpu-policy", choices=("batch", "normal"), default="batch",
+                        help="Linux scheduling policy of the server's threads: batch (default; SCHED_BATCH: a waking "
+                             "thread does not preempt a running inference, +6-15 %% throughput on 2 busy cores) or "
+                             "normal")
+    parser.add_argument("--proxy-headers", action="store_true",
+                        help="behind a reverse proxy on this machine: take the client address and scheme from its "
+                             "X-Forwarded-For / X-Forwarded-Proto (trusted from 127.0.0.1 only)")
     parser.add_argument("--reload-interval", type=_amount(False), default=2.0,
                         help="seconds between checks for a replaced model file (default 2; 0 turns hot reload off)")
     return parser
@@ -105,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None, resize_of: Optional[Callable[[Pat
             batch=BatchOptions(workers=args.workers, max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000,
                                max_queue=args.max_queue),
             max_body_bytes=int(args.max_body_mb * 2 ** 20), timeout_s=args.timeout_ms / 1000, api_key=api_key,
-            reload_interval_s=args.reload_interval)
+            reload_interval_s=args.reload_interval, proxy_headers=args.proxy_headers, cpu_policy=args.cpu_policy)
         return serve(specs, options, announce=lambda line: print(line, flush=True))
     except (ValueError, OSError) as exc:  # TargetError, ModelError (a ValueError), unreadable key, address in use
         print(f"{prog}: error: {exc}", file=sys.stderr)

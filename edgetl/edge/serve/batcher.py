@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from edgetl.edge.serve.metrics import ServeMetrics
 from edgetl.edge.serve.protocol import RequestError
@@ -138,7 +138,7 @@ class Batcher:
                 if job.abandoned:
                     continue
                 if now > job.deadline:
-                    _settle(job, error=_deadline_exceeded())
+                    _settle([(job, None, _deadline_exceeded())])
                 else:
                     live.append(job)
             if live:
@@ -153,17 +153,19 @@ class Batcher:
         except Exception as exc:  # a bug, not a bad request: every job of the batch gets a 500
             log.exception("model %s: batch of %d failed", self.name, len(jobs))
             outputs = [exc] * len(jobs)
+        answers = []
         for job, output in zip(jobs, outputs):
             if isinstance(output, Exception):
-                _settle(job, error=output)
+                answers.append((job, None, output))
                 continue
             try:
-                _settle(job, value=job.finish(output))
+                answers.append((job, job.finish(output), None))
             except RequestError as exc:  # e.g. an output the reloaded model no longer has
-                _settle(job, error=exc)
+                answers.append((job, None, exc))
             except Exception as exc:
                 log.exception("model %s: encoding a response failed", self.name)
-                _settle(job, error=exc)
+                answers.append((job, None, exc))
+        _settle(answers)
         self._metrics.observe_batch(self.name, sum(job.count for job in jobs), [taken - job.enqueued for job in jobs],
                                     time.perf_counter() - start)
 
@@ -212,14 +214,17 @@ def _expire(job: Job) -> None:
         job.future.set_exception(_deadline_exceeded())
 
 
-def _settle(job: Job, value: Any = None, error: Optional[BaseException] = None) -> None:
-    """Hand a result to the job's event loop (thread-safe); a job given up meanwhile is left alone."""
-    def resolve():
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(value)
+def _settle(answers: List[Tuple[Job, Any, Optional[BaseException]]]) -> None:
+    """Hand (job, value, error) results to their event loop in one thread-safe call per loop (one wake-up for a whole
+    batch); a job given up meanwhile is left alone."""
+    def resolve(mine):
+        for job, value, error in mine:
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(value)
 
-    job.loop.call_soon_threadsafe(resolve)
+    for loop in {job.loop for job, _, _ in answers}:
+        loop.call_soon_threadsafe(resolve, [answer for answer in answers if answer[0].loop is loop])
