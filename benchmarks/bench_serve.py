@@ -5,10 +5,10 @@ Targets, as ratios measured in one run on this machine:
      (same interpreter and thread count; the two are timed in interleaved rounds).
   2. throughput at concurrency 8 >= 0.9x the best bare decode+invoke throughput, best over thread counts,
      interpreter copies (one Python thread per copy) and the Linux scheduling policy of those threads (normal, and
-     SCHED_BATCH, which the server runs under by default: the bare loops get it too). The server runs the best configuration that gives
-     each thread a core of its own (copies x threads <= cores): its event loop needs the cores too, and more
-     workers than cores stretch every admitted request's compute (with 3 workers on 2 cores the p99 of 3b was
-     4.29x against 2.66-2.72x with 2, at the same throughput). The baseline stays the best of the whole grid;
+     SCHED_BATCH, which the server runs under by default: the bare loops get it too). The server runs the best
+     configuration that gives each thread a core of its own (copies x threads <= cores): its event loop needs the
+     cores too, and more workers than cores stretch every admitted request's compute (with 3 workers on 2 cores
+     the p99 of 3b was 4.29x against 2.66-2.72x with 2, at the same throughput). The baseline stays the best of the whole grid;
      the two are measured in interleaved rounds and compared by their medians.
   3. at 2x saturation (rate-limited hey clients in 8 staggered hey processes offering twice the throughput
      of 2.): 503s shed the excess and nothing else fails, the server's RSS stays flat (grows by at most 2 %
