@@ -471,7 +471,7 @@ def _set_cpu_policy(policy: str) -> None:
     a thread that wakes (the event loop on a new request, a worker given a job) then does not preempt a running
     inference, which keeps its caches warm; an idle core still takes a waking thread at once, so an unloaded
     request waits no longer. Measured on 2 cores at concurrency 8 (wrk -c8, 8 s): 387 and 426 requests per s against
-    366 and 370 under the normal policy, the workers' CPU per request 4.3-4.7 ms against 4.9. "normal" leaves it."""
+    366 and 370 under the normal policy, the workers' CPU per request 4.3-4.7 ms against 4.7-4.9. "normal" leaves it."""
     if policy != "batch" or not hasattr(os, "SCHED_BATCH"):
         return
     threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
