@@ -248,8 +248,16 @@ def _bias_shifts(variant: Variant, inputs: ExportInputs, cache: Cache) -> dict |
     if not (variant.bias_correction and int8.bias_correction):
         return None
     levels = weight_levels(variant.format, inputs.recipe.export.target)
-    return cache.prepare(f"bias_correction_{variant.format}",
-                         lambda: mean_shifts(inputs.model, inputs.calibration, levels, int8.per_channel))
+
+    def measure():
+        try:
+            return mean_shifts(inputs.model, inputs.calibration, levels, int8.per_channel)
+        except Exception as exc:  # noqa: BLE001 - said as what to change; the variant is recorded failed
+            raise ExportError(f"{inputs.run.recipe_path}: export.int8.bias_correction could not measure this model "
+                              f"({type(exc).__name__}: {exc}); set export.int8.bias_correction: false to export "
+                              f"the {variant.format} int8 variants without it") from exc
+
+    return cache.prepare(f"bias_correction_{variant.format}", measure)
 
 
 def _check_output_names(outputs: list[dict], heads: list[str]) -> None:

@@ -172,21 +172,17 @@ def correct_onnx(data: bytes, shifts: dict[str, np.ndarray]) -> tuple[bytes, lis
                 or kernel.data_type != onnx.TensorProto.INT8 or values.data_type != onnx.TensorProto.INT32):
             continue
         moved = numpy_helper.to_array(values) - np.round(shifts[layer] / numpy_helper.to_array(scale)).astype(np.int32)
-        values.CopyFrom(numpy_helper.from_array(moved.astype(np.int32), values.name))
+        values.CopyFrom(numpy_helper.from_array(moved, values.name))
         corrected.append(layer)
     return proto.SerializeToString(), corrected
 
 
-def record(corrected: list[str], shifts: dict, images: int) -> dict:
-    """The manifest's quantization.bias_correction: how many of the measured layers the artifact corrected."""
-    return {"layers": len(corrected), "of": len(shifts), "images": images}
-
-
 def corrected(data: bytes, job: Conversion) -> tuple[bytes, dict]:
-    """An int8 artifact of `job` with its biases corrected, and its manifest record ({"bias_correction": ...}); as it
-    is, with {}, when the job carries no shifts (export.int8.bias_correction off, or a row without the column)."""
+    """An int8 artifact of `job` with its biases corrected, and its manifest record ({"bias_correction": {"layers"
+    corrected, "of" measured, "images"}}); as it is, with {}, when the job carries no shifts
+    (export.int8.bias_correction off, or a row without the column)."""
     if job.bias_shifts is None:
         return data, {}
     correct = correct_tflite if job.variant.format == "tflite" else correct_onnx
     data, layers = correct(data, job.bias_shifts)
-    return data, {"bias_correction": record(layers, job.bias_shifts, len(job.calibration))}
+    return data, {"bias_correction": {"layers": len(layers), "of": len(job.bias_shifts), "images": len(job.calibration)}}

@@ -461,9 +461,9 @@ def _access_log_in_blocks():
     finally:
         done.set()
         flusher.join()
-        handler.flush()
         access_log.removeHandler(handler)
         access_log.propagate = True
+        stream.close()  # flushes; stderr's descriptor stays open (closefd=False)
 
 
 def _set_cpu_policy(policy: str) -> None:
@@ -476,7 +476,8 @@ def _set_cpu_policy(policy: str) -> None:
         return
     threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
     for tid in threads:  # this one, and those already started by imports (BLAS, runtimes)
-        os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended since the listing
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
 
 
 def _lighten_logging() -> None:

@@ -133,14 +133,9 @@ class Batcher:
             if batch is None:
                 return
             now = time.monotonic()
-            live = []
-            for job in batch:
-                if job.abandoned:
-                    continue
-                if now > job.deadline:
-                    _settle([(job, None, _deadline_exceeded())])
-                else:
-                    live.append(job)
+            waiting = [job for job in batch if not job.abandoned]
+            _settle([(job, None, _deadline_exceeded()) for job in waiting if now > job.deadline])
+            live = [job for job in waiting if now <= job.deadline]
             if live:
                 self._run_batch(index, live, now)
             with self._lock:
